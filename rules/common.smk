@@ -1,0 +1,129 @@
+# Shared wiring: config validation, the results layout (every path helper), model references.
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from snakemake.exceptions import WorkflowError  # noqa: E402
+
+from modelmake.config import validate  # noqa: E402
+from modelmake.errors import ConfigError  # noqa: E402
+
+try:
+    config = validate(config)
+except ConfigError as e:
+    raise WorkflowError(f"modelmake: {e}") from None
+
+# Jobs find the library in the checkout, whatever environment runs them.
+shell.prefix(
+    "set -euo pipefail; export PYTHONPATH="
+    + shlex.quote(str(Path(workflow.basedir) / "src"))
+    + '${{PYTHONPATH:+:$PYTHONPATH}}; '
+)
+
+RESULTS = Path(config["results"])
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9_.-]+",
+    split=r"[A-Za-z0-9_-]+",
+    model=r"[A-Za-z0-9_.-]+",
+    teacher=r"[A-Za-z0-9_.-]+",
+    name=r"[A-Za-z0-9_.-]+",
+    part=r"\d+",
+    shard=r"\d+",
+
+
+def results(*parts):
+    return str(RESULTS.joinpath(*parts))
+
+
+def log_path(*parts):
+    return results("logs", *parts)
+
+
+def bench_path(*parts):
+    return results("benchmarks", *parts)
+
+
+def data_path(dataset, *parts):
+    return results("data", dataset, *parts)
+
+
+def asset_tokenizer():
+    return results("assets", "tokenizer")
+
+
+def asset_model(name):
+    return results("assets", "models", name)
+
+
+def model_dir(role):
+    """The folder of a model role: a built demo asset or a path from config."""
+    m = config["models"][role]
+    return asset_model(m["asset"]) if "asset" in m else m["path"]
+
+
+def model_inputs(role):
+    """Inputs that make a model role: the asset folder when the workflow builds it, else nothing."""
+    m = config["models"][role]
+    return [asset_model(m["asset"])] if "asset" in m else []
+
+
+def model_source(role):
+    """What identifies a model role's weights, for rerun triggers and provenance."""
+    m = config["models"][role]
+    return {"asset": m["asset"], **config["assets"]["models"][m["asset"]]} if "asset" in m else {"path": m["path"]}
+
+
+def as_json(obj):
+    """A config slice as compact JSON, to pass to the CLI quoted ({params.x:q})."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+# --- used by rules/assets.smk
+def asset_corpora():
+    """Every split of the datasets named in assets.tokenizer.corpora, reformatted."""
+    return [
+        data_path(d, "reformatted", f"{s}.parquet")
+        for d in config.get("assets", {}).get("tokenizer", {}).get("corpora", [])
+        for s in config["datasets"][d]["splits"]
+    ]
+
+
+# --- used by rules/serve.smk
+def pool_spec(w):
+    s = config["serve"]
+    return as_json({
+        "model": model_dir(w.model), "served_name": w.model,
+        "servers": s["servers_per_partition"], "max_model_len": s["max_model_len"],
+        "dtype": s["dtype"], "seed": config["seed"], "enforce_eager": s["enforce_eager"],
+        "cpu_threads_per_server": s["cpu_threads_per_server"], "cpu_kvcache_gib": s["cpu_kvcache_gib"],
+        "vllm_args": s["vllm_args"], "health_interval_s": s["health_interval_s"],
+    })
+
+
+# --- used by rules/pseudo_labels.smk
+PL = config["pseudo_labels"]
+
+
+def labels_path(dataset, teacher, *parts):
+    return results("pseudo_labels", dataset, teacher, *parts)
+
+
+def pl_partitions():
+    return PL["build_partitions"] if PL["build_partitions"] is not None else range(PL["partitions"])
+
+
+def pseudo_label_targets():
+    """The merged datasets when every partition is built here; else this machine's shards."""
+    if PL["build_partitions"] is None:
+        return [labels_path(d, PL["teacher"], "labels.parquet") for d in PL["datasets"]]
+    return [
+        labels_path(d, PL["teacher"], f"part{p}", f"shard{s}.jsonl")
+        for d in PL["datasets"]
+        for p in pl_partitions()
+        for s in range(PL["shards_per_partition"])
+    ]

@@ -1,0 +1,5 @@
+import sys
+
+from modelmake.cli import main
+
+sys.exit(main())

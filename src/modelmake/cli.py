@@ -1,0 +1,156 @@
+"""``python -m modelmake <command>``: the thin entry points the rules call.
+
+Argument wiring only; the work happens in the library modules. A :class:`UserError` is printed as
+``modelmake: <message>`` with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from modelmake.errors import UserError
+
+
+def _json(text: str):
+    return json.loads(text)
+
+
+def cmd_check_config(a) -> None:
+    import yaml
+
+    from modelmake.config import validate
+
+    validate(yaml.safe_load(Path(a.config).read_text()))
+    print(f"{a.config}: ok")
+
+
+def cmd_reformat(a) -> None:
+    from modelmake.reformat import reformat_files
+
+    s = reformat_files(a.inputs, a.out, on_error=a.on_error, rejects=a.rejects, stats_path=a.stats)
+    logging.info("reformat: read %d, wrote %d, rejected %d %s", s.read, s.written, s.rejected, s.reasons or "")
+
+
+def cmd_build_tokenizer(a) -> None:
+    from modelmake.assets import build_tokenizer
+
+    build_tokenizer(a.corpora, a.out, a.vocab_size)
+
+
+def cmd_build_model(a) -> None:
+    from modelmake.assets import build_tiny_llama
+
+    build_tiny_llama(a.tokenizer, a.corpora, a.out, seed=a.seed, **_json(a.arch))
+
+
+def cmd_shard(a) -> None:
+    from modelmake.shard import write_partition
+
+    layout = write_partition(a.parquet, a.out, a.part, a.partitions, a.shards)
+    logging.info("partition %d: %s records per shard", a.part, layout["records"])
+
+
+def cmd_serve(a) -> None:
+    from modelmake.serve import PoolSpec, run_pool
+
+    spec = PoolSpec(**_json(a.spec))
+    sys.exit(run_pool(spec, a.folder, a.log_dir, a.ready_timeout))
+
+
+def cmd_generate(a) -> None:
+    from modelmake.generate import GenerateSettings, Sampling, generate_shard
+    from modelmake.serve import wait_ready
+
+    proxy = wait_ready(a.service, a.ready_timeout)
+    opts = _json(a.settings)
+    settings = GenerateSettings(model=proxy["model"], sampling=Sampling(**opts.pop("sampling")), **opts)
+    generate_shard(a.shard, a.out, proxy["url"], settings)
+
+
+def cmd_merge(a) -> None:
+    from modelmake.merge import merge_shards
+
+    stats = merge_shards(a.shards, a.out, a.stats, a.plot, config=_json(a.config))
+    logging.info("merged: %d ok, %d failed, %d tokens", stats["ok"], stats["failed"], stats["completion_tokens"])
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="modelmake", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check-config", help="validate a config file against the schema")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("reformat", help="raw chat jsonl -> {id, messages} parquet")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    p.add_argument("--rejects")
+    p.add_argument("--stats")
+    p.set_defaults(func=cmd_reformat)
+
+    p = sub.add_parser("build-tokenizer", help="train the demo BPE tokenizer")
+    p.add_argument("corpora", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.set_defaults(func=cmd_build_tokenizer)
+
+    p = sub.add_parser("build-model", help="build and briefly fit a tiny Llama")
+    p.add_argument("corpora", nargs="+")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--arch", required=True, help="JSON of the architecture and fit settings")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_build_model)
+
+    p = sub.add_parser("shard", help="write one partition's shards")
+    p.add_argument("parquet")
+    p.add_argument("--out", required=True)
+    p.add_argument("--part", type=int, required=True)
+    p.add_argument("--partitions", type=int, required=True)
+    p.add_argument("--shards", type=int, required=True)
+    p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("serve", help="supervise vLLM servers behind a Traefik proxy (a service job)")
+    p.add_argument("--folder", required=True, help="the service folder (readiness files)")
+    p.add_argument("--log-dir", required=True)
+    p.add_argument("--spec", required=True, help="JSON of modelmake.serve.PoolSpec")
+    p.add_argument("--ready-timeout", type=float, default=900)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="pseudo-label one shard through a serving pool")
+    p.add_argument("shard")
+    p.add_argument("--service", required=True, help="the pool's service folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--settings", required=True, help="JSON of GenerateSettings less the model")
+    p.add_argument("--ready-timeout", type=float, default=900)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="pseudo-label shards -> parquet, stats and plot")
+    p.add_argument("shards", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--stats", required=True)
+    p.add_argument("--plot", required=True)
+    p.add_argument("--config", default="{}", help="JSON of the config slice to record")
+    p.set_defaults(func=cmd_merge)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"modelmake: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

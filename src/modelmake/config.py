@@ -1,0 +1,124 @@
+"""config.yaml: validation against schemas/config.schema.yaml plus the checks a schema cannot make.
+
+Errors name the key path (``serve.max_model_len``), what was found and what is expected, and are
+raised as :class:`ConfigError` before any job runs. Paths marked ``x-path`` in the schema must
+exist (relative to the working directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from modelmake.errors import ConfigError
+
+SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+
+
+def key_path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _with_defaults(schema: dict, value: Any, root: dict) -> Any:
+    """Fill schema defaults into a config (objects only, recursively)."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return _with_defaults(root["$defs"][name], value, root)
+    if isinstance(value, dict) and schema.get("type") == "object":
+        props = schema.get("properties", {})
+        for k, sub in props.items():
+            if k not in value and "default" in sub:
+                value[k] = sub["default"]
+        for k, v in value.items():
+            sub = props.get(k, schema.get("additionalProperties"))
+            if isinstance(sub, dict):
+                value[k] = _with_defaults(sub, v, root)
+    return value
+
+
+def _paths(schema: dict, value: Any, root: dict, at: tuple = ()):
+    """Yield (key path, path, kind) for every value the schema marks with x-path."""
+    if "$ref" in schema:
+        yield from _paths(root["$defs"][schema["$ref"].rsplit("/", 1)[-1]], value, root, at)
+        return
+    if "x-path" in schema and isinstance(value, str):
+        yield at, value, schema["x-path"]
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        for k, v in value.items():
+            sub = props.get(k, schema.get("additionalProperties"))
+            if isinstance(sub, dict):
+                yield from _paths(sub, v, root, at + (k,))
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(value):
+            yield from _paths(schema["items"], v, root, at + (i,))
+
+
+def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool = True) -> dict:
+    """Return the config with defaults filled in, or raise ConfigError listing every problem."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = []
+    for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
+        where = key_path(err.absolute_path)
+        if err.validator == "additionalProperties":
+            allowed = ", ".join(sorted(err.schema.get("properties", {}))) or "see the schema"
+            problems.append(f"{where}: {err.message}; allowed keys: {allowed}")
+        elif err.validator == "oneOf" and isinstance(err.instance, dict):
+            problems.append(f"{where}: give exactly one of {', '.join(r['required'][0] for r in err.schema['oneOf'] if 'required' in r)}")
+        else:
+            problems.append(f"{where}: {err.message}")
+    if problems:
+        raise ConfigError(_report(problems, schema_path))
+    config = _with_defaults(schema, config, schema)
+    problems += _cross_checks(config)
+    if check_paths:
+        for at, p, kind in _paths(schema, config, schema):
+            path = Path(p)
+            if not (path.is_file() if kind == "file" else path.is_dir()):
+                problems.append(f"{key_path(at)}: {kind} {p!r} does not exist (relative to {Path.cwd()})")
+    if problems:
+        raise ConfigError(_report(problems, schema_path))
+    return config
+
+
+def _report(problems: list[str], schema_path) -> str:
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"config.yaml does not match {schema_path}:\n{lines}\nFix these keys and run again."
+
+
+def _cross_checks(c: dict) -> list[str]:
+    """What JSON schema cannot say: references between sections."""
+    out = []
+    assets = c.get("assets", {})
+    for name, m in c["models"].items():
+        if "asset" in m and m["asset"] not in assets.get("models", {}):
+            out.append(f"models.{name}.asset: {m['asset']!r} is not a key of assets.models")
+    for i, d in enumerate(assets.get("tokenizer", {}).get("corpora", [])):
+        if d not in c["datasets"]:
+            out.append(f"assets.tokenizer.corpora[{i}]: {d!r} is not a key of datasets")
+    if any("asset" in m for m in c["models"].values()) and "tokenizer" not in assets:
+        out.append("assets.tokenizer: required when a model is built from assets")
+    pl = c["pseudo_labels"]
+    if pl["teacher"] not in c["models"]:
+        out.append(f"pseudo_labels.teacher: {pl['teacher']!r} is not a key of models")
+    for i, d in enumerate(pl["datasets"]):
+        if d not in c["datasets"]:
+            out.append(f"pseudo_labels.datasets[{i}]: {d!r} is not a key of datasets")
+        elif pl["split"] not in c["datasets"][d]["splits"]:
+            out.append(f"pseudo_labels.split: {pl['split']!r} is not a split of datasets.{d}")
+    for i, p in enumerate(pl.get("build_partitions") or []):
+        if p >= pl["partitions"]:
+            out.append(f"pseudo_labels.build_partitions[{i}]: {p} is not below partitions={pl['partitions']}")
+    if pl["max_conversation_tokens"] > c["serve"]["max_model_len"]:
+        out.append(
+            f"pseudo_labels.max_conversation_tokens: {pl['max_conversation_tokens']} exceeds "
+            f"serve.max_model_len={c['serve']['max_model_len']}"
+        )
+    return out

@@ -1,0 +1,243 @@
+"""Pseudo-labels: re-generate every assistant turn of a shard through the OpenAI chat endpoint.
+
+The one client path of modelmake: async HTTP with bounded concurrency, retries with exponential
+backoff on connection errors, 429 and 5xx, and per-record error isolation. The server applies the
+model's own chat template (no templates here).
+
+Resume without loss or duplicates: every finished record (success or failure) is appended, with a
+fingerprint of the generation settings, to a journal beside the output
+(``<out dir>/.journal/<out name>``). A rerun reuses the journal's successful records whose id is in
+the shard and whose fingerprint matches, and generates only the rest; the output is written
+atomically at the end, in shard order. Snakemake deletes the outputs of a failed group job, but not
+the journal, so even shards finished beside a failed one cost nothing to rebuild.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from modelmake.errors import GenerationError
+from modelmake.files import atomic_open, dumps, read_jsonl
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    model: str  # the served model name
+    sampling: Sampling
+    teacher_source: dict | None = None  # what identifies the teacher's weights (path or asset)
+    max_conversation_tokens: int = 4096
+    concurrency: int = 8
+    retries: int = 4
+    backoff_s: float = 0.5
+    request_timeout_s: float = 300.0
+    max_failure_share: float = 0.05
+
+    def fingerprint(self) -> str:
+        """What makes a generated record reusable: the model and how it samples."""
+        key = {"model": self.model, "teacher": self.teacher_source, "sampling": asdict(self.sampling),
+               "max_conversation_tokens": self.max_conversation_tokens}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RequestFailed(Exception):
+    pass
+
+
+def journal_path(out: Path) -> Path:
+    return out.parent / ".journal" / out.name
+
+
+def load_journal(path: Path, wanted: set[str], fingerprint: str) -> dict[str, dict]:
+    """Successful records of earlier runs that can be reused (a torn last line is ignored)."""
+    done: dict[str, dict] = {}
+    if not path.exists():
+        return done
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            meta = rec.get("generation", {})
+            if rec.get("id") in wanted and "error" not in rec and meta.get("fingerprint") == fingerprint:
+                done[rec["id"]] = rec
+    return done
+
+
+def request_seed(seed: int, rid: str, turn: int) -> int:
+    """A per-request seed, so sampled answers do not depend on request order or concurrency."""
+    h = hashlib.sha256(f"{seed}:{rid}:{turn}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+async def chat(client, url: str, body: dict, s: GenerateSettings) -> dict:
+    import httpx
+
+    for attempt in range(s.retries + 1):
+        try:
+            r = await client.post(url, json=body, timeout=s.request_timeout_s)
+            if r.status_code == 200:
+                return r.json()
+            err = f"HTTP {r.status_code}: {r.text[:300]}"
+            if r.status_code not in RETRY_STATUS:
+                raise RequestFailed(err)
+        except httpx.TransportError as e:
+            err = f"{type(e).__name__}: {e}"
+        if attempt < s.retries:
+            await asyncio.sleep(s.backoff_s * 2**attempt * (1 + random.random()))
+    raise RequestFailed(f"gave up after {s.retries + 1} attempts; last error: {err}")
+
+
+async def relabel(client, url: str, rec: dict, s: GenerateSettings) -> dict:
+    """Answer every user turn of one conversation with the teacher, turn by turn.
+
+    The original assistant turns are dropped and replaced by the teacher's answers, so each answer
+    sees the teacher's own earlier answers. Generation stops when the conversation reaches
+    ``max_conversation_tokens`` (prompt plus answers); the turns after that point are dropped.
+    """
+    history: list[dict] = []
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    finish: list[str] = []
+    length, truncated = 0, False  # tokens in the conversation so far, as the server counted them
+    for m in rec["messages"]:
+        if m["role"] == "assistant":
+            continue
+        history.append({"role": m["role"], "content": m["content"]})
+        if m["role"] != "user":
+            continue
+        budget = s.max_conversation_tokens - length
+        if budget <= 0:
+            history.pop()
+            truncated = True
+            break
+        body = {
+            "model": s.model, "messages": history,
+            "temperature": s.sampling.temperature, "top_p": s.sampling.top_p,
+            "max_tokens": min(s.sampling.max_tokens, budget),
+            "seed": request_seed(s.sampling.seed, rec["id"], len(finish)),
+        }
+        out = await chat(client, url, body, s)
+        choice = out["choices"][0]
+        history.append({"role": "assistant", "content": choice["message"]["content"] or ""})
+        usage["prompt_tokens"] += out["usage"]["prompt_tokens"]
+        usage["completion_tokens"] += out["usage"]["completion_tokens"]
+        length = out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+        finish.append(choice["finish_reason"])
+    return {"messages": history, "usage": usage, "finish_reasons": finish,
+            "turns": len(finish), "truncated": truncated}
+
+
+async def generate_records(
+    records: list[dict], base_url: str, s: GenerateSettings, journal, progress=None
+) -> tuple[int, int]:
+    """Generate every record, appending each result to ``journal`` as it finishes."""
+    import httpx
+
+    fingerprint = s.fingerprint()
+    sem = asyncio.Semaphore(s.concurrency)
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+    ok = failed = 0
+    limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
+    async with httpx.AsyncClient(limits=limits) as client:
+
+        async def one(rec: dict) -> None:
+            nonlocal ok, failed
+            async with sem:
+                started = time.time()
+                meta = {"model": s.model, "fingerprint": fingerprint, "sampling": asdict(s.sampling)}
+                try:
+                    res = await relabel(client, url, rec, s)
+                    row = {"id": rec["id"], "messages": res.pop("messages"),
+                           "generation": {**meta, **res, "seconds": round(time.time() - started, 3)}}
+                    ok += 1
+                except (RequestFailed, KeyError, IndexError, TypeError, ValueError) as e:
+                    row = {"id": rec["id"], "messages": None, "error": str(e),
+                           "generation": {**meta, "seconds": round(time.time() - started, 3)}}
+                    failed += 1
+                journal.write(dumps(row) + "\n")
+                journal.flush()
+                if progress is not None:
+                    progress(row)
+
+        await asyncio.gather(*(one(r) for r in records))
+    return ok, failed
+
+
+def generate_shard(
+    shard: str | Path, out: str | Path, base_url: str, settings: GenerateSettings, show_progress=True
+) -> dict:
+    """Generate one shard into ``out`` (jsonl), resuming from its journal; return the counts."""
+    from tqdm import tqdm
+
+    started = time.time()
+    shard, out = Path(shard), Path(out)
+    records = read_jsonl(shard)
+    order = [r["id"] for r in records]
+    jpath = journal_path(out)
+    jpath.parent.mkdir(parents=True, exist_ok=True)
+    fp = settings.fingerprint()
+    done = load_journal(jpath, set(order), fp)
+    todo = [r for r in records if r["id"] not in done]
+    log.info("%s: %d records, %d reused from the journal, %d to generate",
+             shard, len(records), len(done), len(todo))
+
+    # Compact the journal to the reusable records, then append new ones.
+    with atomic_open(jpath) as f:
+        for rid in order:
+            if rid in done:
+                f.write(dumps(done[rid]) + "\n")
+    bar = tqdm(total=len(records), initial=len(done), desc=f"generate {shard.name}", unit="rec",
+               mininterval=2.0, disable=not show_progress)
+    tokens = [0]
+    results: dict[str, dict] = dict(done)
+
+    def progress(row: dict) -> None:
+        results[row["id"]] = row
+        tokens[0] += row["generation"].get("usage", {}).get("completion_tokens", 0)
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{tokens[0] / max(1e-9, time.time() - started):.0f}",
+                        failed=sum("error" in r for r in results.values()))
+
+    with open(jpath, "a", encoding="utf-8") as journal:
+        ok, failed = asyncio.run(generate_records(todo, base_url, settings, journal, progress))
+    bar.close()
+
+    total_failed = sum("error" in r for r in results.values())
+    counts = {
+        "records": len(records), "reused": len(done), "generated": ok, "failed": total_failed,
+        "completion_tokens": sum(r["generation"].get("usage", {}).get("completion_tokens", 0)
+                                 for r in results.values()),
+        "seconds": round(time.time() - started, 3),
+    }
+    if records and total_failed / len(records) > settings.max_failure_share:
+        example = next(r["error"] for r in results.values() if "error" in r)
+        raise GenerationError(
+            f"{total_failed} of {len(records)} records of {shard} failed "
+            f"(more than pseudo_labels.max_failure_share={settings.max_failure_share}); "
+            f"first error: {example}. Check the server logs; successful records are kept in {jpath} "
+            f"and a rerun retries only the failed ones."
+        )
+    with atomic_open(out) as f:
+        for rid in order:
+            f.write(dumps(results[rid]) + "\n")
+    log.info("%s: %s", out, counts)
+    return counts

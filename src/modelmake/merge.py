@@ -1,0 +1,86 @@
+"""Merge pseudo-label shards into one parquet dataset, a stats JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from modelmake.files import atomic_open, code_version, read_jsonl, sha256_file, write_json
+
+
+def merge_shards(
+    shards: list[str | Path], out: str | Path, stats_path: str | Path, plot_path: str | Path,
+    *, config: dict,
+) -> dict:
+    """Successful records of every shard -> parquet (id, messages, teacher, tokens, source shard).
+
+    Failed records are counted in the stats, not written. The parquet's schema metadata holds the
+    provenance (config slice, code version, input hashes), so the dataset carries what made it.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    started = time.time()
+    rows, failed, per_shard = [], 0, []
+    for path in map(str, shards):
+        recs = read_jsonl(path)
+        n_ok = 0
+        for r in recs:
+            if "error" in r:
+                failed += 1
+                continue
+            g = r["generation"]
+            rows.append({
+                "id": r["id"], "messages": r["messages"], "teacher": g["model"],
+                "prompt_tokens": g["usage"]["prompt_tokens"],
+                "completion_tokens": g["usage"]["completion_tokens"],
+                "turns": g["turns"], "truncated": g["truncated"], "shard": path,
+            })
+            n_ok += 1
+        per_shard.append({"shard": path, "records": len(recs), "ok": n_ok})
+    schema = pa.schema([
+        ("id", pa.string()),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("teacher", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+        ("turns", pa.int64()), ("truncated", pa.bool_()), ("shard", pa.string()),
+    ])
+    provenance = {"code_version": code_version(), "config": config,
+                  "inputs": {str(p): sha256_file(p) for p in shards}}
+    schema = schema.with_metadata({"modelmake.provenance": json.dumps(provenance, ensure_ascii=False)})
+    table = pa.Table.from_pylist(rows, schema=schema)
+    with atomic_open(out, "wb") as f:
+        pq.write_table(table, f)
+    tokens = [r["completion_tokens"] for r in rows]
+    stats = {
+        "records": len(rows) + failed, "ok": len(rows), "failed": failed,
+        "completion_tokens": sum(tokens), "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+        "truncated": sum(r["truncated"] for r in rows), "shards": per_shard,
+        "seconds": round(time.time() - started, 3),
+    }
+    write_json(stats_path, stats)
+    plot_lengths(tokens, per_shard, plot_path)
+    return stats
+
+
+def plot_lengths(tokens: list[int], per_shard: list[dict], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.hist(tokens or [0], bins=30, color="#4c72b0")
+    a.set_xlabel("generated tokens per conversation")
+    a.set_ylabel("conversations")
+    b.bar(range(len(per_shard)), [s["ok"] for s in per_shard], color="#55a868", label="ok")
+    b.bar(range(len(per_shard)), [s["records"] - s["ok"] for s in per_shard],
+          bottom=[s["ok"] for s in per_shard], color="#c44e52", label="failed")
+    b.set_xlabel("shard (in merge order)")
+    b.set_ylabel("records")
+    b.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)

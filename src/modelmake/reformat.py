@@ -1,0 +1,183 @@
+"""Reformat raw chat jsonl into ``{id, messages: [{role, content}]}`` parquet.
+
+Reads, line by line, either shape the pseudo-label seed reads (and the already reformatted one):
+
+* UltraChat raw:  ``{"id", "data": [user, assistant, user, ...]}``
+* ShareGPT-like:  ``{"id", "conversations": [{"from": "human"|"gpt"|..., "value"}]}``
+* messages:       ``{"id", "messages": [{"role", "content"}]}``
+
+Every malformed line (bad JSON, invalid UTF-8, missing field, empty conversation, wrong types,
+unknown role, turns out of order, duplicate id) is reported with ``file:line``. With
+``on_error="fail"`` the first one raises :class:`RecordError` before anything is written; with
+``on_error="skip"`` bad lines go to a rejects jsonl and are counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelmake.errors import RecordError
+from modelmake.files import atomic_open, dumps, write_json
+
+ROLE_ALIASES = {
+    "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
+    "bing": "assistant", "model": "assistant",
+    "system": "system",
+}
+
+
+class BadRecord(ValueError):
+    """A line that cannot be reformatted; the message says why."""
+
+
+def content_id(messages: list[dict]) -> str:
+    """A stable id for a record that has none: a hash of its canonical messages."""
+    canon = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return "h-" + hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+
+
+def _turn_text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise BadRecord(f"{where} must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_messages(record) -> list[dict]:
+    """The record's conversation as ``[{role, content}]``; raises BadRecord when malformed."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"a record must be a JSON object, got {type(record).__name__}")
+    if "data" in record:
+        turns = record["data"]
+        if not isinstance(turns, list):
+            raise BadRecord(f'"data" must be a list of strings, got {type(turns).__name__}')
+        messages = [
+            {"role": "user" if i % 2 == 0 else "assistant",
+             "content": _turn_text(t, f'"data" item at position {i}')}
+            for i, t in enumerate(turns)
+        ]
+    elif "conversations" in record or "messages" in record:
+        key, role_key, text_key = (
+            ("conversations", "from", "value") if "conversations" in record
+            else ("messages", "role", "content")
+        )
+        turns = record[key]
+        if not isinstance(turns, list):
+            raise BadRecord(f'"{key}" must be a list of objects, got {type(turns).__name__}')
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+                raise BadRecord(
+                    f'"{key}" item at position {i} must be an object with "{role_key}" and "{text_key}"'
+                )
+            role = turn[role_key]
+            if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+                raise BadRecord(
+                    f'unknown role {role!r} at position {i}; known: {", ".join(sorted(ROLE_ALIASES))}'
+                )
+            messages.append({
+                "role": ROLE_ALIASES[role.lower()],
+                "content": _turn_text(turn[text_key], f'"{key}" item {i} "{text_key}"'),
+            })
+    else:
+        raise BadRecord('missing field: expected "data", "conversations" or "messages"')
+
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body:
+        raise BadRecord("empty conversation: no user or assistant turns")
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise BadRecord(f"turn {i} is {m['role']!r}, expected {expected!r} (turns must alternate, user first)")
+    return messages
+
+
+@dataclass
+class ReformatStats:
+    read: int = 0
+    written: int = 0
+    rejected: int = 0
+    reasons: dict = field(default_factory=dict)
+
+
+def reformat_files(
+    inputs: list[str | Path],
+    out: str | Path,
+    *,
+    on_error: str = "fail",
+    rejects: str | Path | None = None,
+    stats_path: str | Path | None = None,
+) -> ReformatStats:
+    """Reformat jsonl files into one parquet file; see the module docstring for the rules."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    started = time.time()
+    stats = ReformatStats()
+    ids, rows, bad = {}, [], []
+
+    for path in map(Path, inputs):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                stats.read += 1
+                where = f"{path}:{lineno}"
+                try:
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise BadRecord(f"invalid UTF-8 at byte {e.start}") from None
+                    try:
+                        record = json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise BadRecord(f"bad JSON: {e.msg} at column {e.colno}") from None
+                    messages = parse_messages(record)
+                    rid = record.get("id")
+                    if rid is None:
+                        rid = content_id(messages)
+                    elif not isinstance(rid, (str, int)) or isinstance(rid, bool):
+                        raise BadRecord(f'"id" must be a string or integer, got {type(rid).__name__}')
+                    rid = str(rid)
+                    if rid in ids:
+                        raise BadRecord(f"duplicate id {rid!r} (first seen at {ids[rid]})")
+                except BadRecord as e:
+                    if on_error == "fail":
+                        raise RecordError(
+                            f"bad record in {where}: {e}.\nFix the line or set "
+                            f"reformat.on_error: skip to move bad lines to a rejects file."
+                        ) from None
+                    reason = str(e).split(":")[0].split(" (")[0]
+                    stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
+                    stats.rejected += 1
+                    bad.append({"file": str(path), "line": lineno, "error": str(e),
+                                "raw": raw.decode("utf-8", errors="replace").rstrip("\n")})
+                    continue
+                ids[rid] = where
+                rows.append({"id": rid, "messages": messages})
+
+    stats.written = len(rows)
+    schema = pa.schema([
+        ("id", pa.string()),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    with atomic_open(out, "wb") as f:
+        pq.write_table(table, f)
+    if rejects is not None:
+        with atomic_open(rejects) as f:
+            for row in bad:
+                f.write(dumps(row) + "\n")
+    if stats_path is not None:
+        write_json(stats_path, {
+            "inputs": [str(p) for p in inputs], "read": stats.read, "written": stats.written,
+            "rejected": stats.rejected, "reasons": stats.reasons,
+            "seconds": round(time.time() - started, 3),
+        })
+    return stats
