@@ -70,8 +70,17 @@ def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool =
         if err.validator == "additionalProperties":
             allowed = ", ".join(sorted(err.schema.get("properties", {}))) or "see the schema"
             problems.append(f"{where}: {err.message}; allowed keys: {allowed}")
-        elif err.validator == "oneOf" and isinstance(err.instance, dict):
-            problems.append(f"{where}: give exactly one of {', '.join(r['required'][0] for r in err.schema['oneOf'] if 'required' in r)}")
+        elif err.validator == "oneOf" and all("required" in r for r in err.schema["oneOf"]):
+            # a choice of keys (models.<name>: asset or path); a non-object already fails "type"
+            if isinstance(err.instance, dict):
+                keys = ", ".join(k for r in err.schema["oneOf"] for k in r["required"])
+                problems.append(f"{where}: give exactly one of {keys}")
+            elif err.schema.get("type") != "object":
+                problems.append(f"{where}: {err.message}")
+        elif err.validator in ("oneOf", "anyOf") and err.context:
+            # say what each alternative expected, not just that none matched
+            why = "; ".join(dict.fromkeys(e.message for e in err.context))
+            problems.append(f"{where}: {err.instance!r} matches none of the allowed forms ({why})")
         else:
             problems.append(f"{where}: {err.message}")
     if problems:

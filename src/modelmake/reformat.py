@@ -32,7 +32,15 @@ ROLE_ALIASES = {
 
 
 class BadRecord(ValueError):
-    """A line that cannot be reformatted; the message says why."""
+    """A line that cannot be reformatted; the message says why, ``kind`` names its class.
+
+    The classes (counted under ``reasons`` in the stats): bad JSON, invalid UTF-8, missing field,
+    empty conversation, wrong type, unknown role, turns out of order, duplicate id.
+    """
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def content_id(messages: list[dict]) -> str:
@@ -41,20 +49,30 @@ def content_id(messages: list[dict]) -> str:
     return "h-" + hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
 
 
+def _check_utf8(value: str, where: str) -> str:
+    """JSON escapes can spell lone surrogates (``"\\ud800"``), which no UTF-8 file can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRecord("invalid UTF-8", f"invalid UTF-8: {where} has a lone surrogate escape at "
+                        f"character {e.start}") from None
+    return value
+
+
 def _turn_text(value, where: str) -> str:
     if not isinstance(value, str):
-        raise BadRecord(f"{where} must be a string, got {type(value).__name__}")
-    return value
+        raise BadRecord("wrong type", f"{where} must be a string, got {type(value).__name__}")
+    return _check_utf8(value, where)
 
 
 def parse_messages(record) -> list[dict]:
     """The record's conversation as ``[{role, content}]``; raises BadRecord when malformed."""
     if not isinstance(record, dict):
-        raise BadRecord(f"a record must be a JSON object, got {type(record).__name__}")
+        raise BadRecord("wrong type", f"a record must be a JSON object, got {type(record).__name__}")
     if "data" in record:
         turns = record["data"]
         if not isinstance(turns, list):
-            raise BadRecord(f'"data" must be a list of strings, got {type(turns).__name__}')
+            raise BadRecord("wrong type", f'"data" must be a list of strings, got {type(turns).__name__}')
         messages = [
             {"role": "user" if i % 2 == 0 else "assistant",
              "content": _turn_text(t, f'"data" item at position {i}')}
@@ -67,32 +85,33 @@ def parse_messages(record) -> list[dict]:
         )
         turns = record[key]
         if not isinstance(turns, list):
-            raise BadRecord(f'"{key}" must be a list of objects, got {type(turns).__name__}')
+            raise BadRecord("wrong type", f'"{key}" must be a list of objects, got {type(turns).__name__}')
         messages = []
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
                 raise BadRecord(
+                    "wrong type" if not isinstance(turn, dict) else "missing field",
                     f'"{key}" item at position {i} must be an object with "{role_key}" and "{text_key}"'
                 )
             role = turn[role_key]
             if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
                 raise BadRecord(
-                    f'unknown role {role!r} at position {i}; known: {", ".join(sorted(ROLE_ALIASES))}'
+                    "unknown role", f'unknown role {role!r} at position {i}; known: {", ".join(sorted(ROLE_ALIASES))}'
                 )
             messages.append({
                 "role": ROLE_ALIASES[role.lower()],
                 "content": _turn_text(turn[text_key], f'"{key}" item {i} "{text_key}"'),
             })
     else:
-        raise BadRecord('missing field: expected "data", "conversations" or "messages"')
+        raise BadRecord("missing field", 'missing field: expected "data", "conversations" or "messages"')
 
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body:
-        raise BadRecord("empty conversation: no user or assistant turns")
+        raise BadRecord("empty conversation", "empty conversation: no user or assistant turns")
     for i, m in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise BadRecord(f"turn {i} is {m['role']!r}, expected {expected!r} (turns must alternate, user first)")
+            raise BadRecord("turns out of order", f"turn {i} is {m['role']!r}, expected {expected!r} (turns must alternate, user first)")
     return messages
 
 
@@ -133,30 +152,31 @@ def reformat_files(
                     try:
                         text = raw.decode("utf-8")
                     except UnicodeDecodeError as e:
-                        raise BadRecord(f"invalid UTF-8 at byte {e.start}") from None
+                        raise BadRecord("invalid UTF-8", f"invalid UTF-8 at byte {e.start}") from None
                     try:
                         record = json.loads(text)
                     except json.JSONDecodeError as e:
-                        raise BadRecord(f"bad JSON: {e.msg} at column {e.colno}") from None
+                        raise BadRecord("bad JSON", f"bad JSON: {e.msg} at column {e.colno}") from None
+                    except RecursionError:
+                        raise BadRecord("bad JSON", "bad JSON: nested too deeply") from None
                     messages = parse_messages(record)
                     rid = record.get("id")
                     if rid is None:
                         rid = content_id(messages)
                     elif not isinstance(rid, (str, int)) or isinstance(rid, bool):
-                        raise BadRecord(f'"id" must be a string or integer, got {type(rid).__name__}')
-                    rid = str(rid)
+                        raise BadRecord("wrong type", f'"id" must be a string or integer, got {type(rid).__name__}')
+                    rid = _check_utf8(str(rid), '"id"')
                     if rid in ids:
-                        raise BadRecord(f"duplicate id {rid!r} (first seen at {ids[rid]})")
+                        raise BadRecord("duplicate id", f"duplicate id {rid!r} (first seen at {ids[rid]})")
                 except BadRecord as e:
                     if on_error == "fail":
                         raise RecordError(
                             f"bad record in {where}: {e}.\nFix the line or set "
                             f"reformat.on_error: skip to move bad lines to a rejects file."
                         ) from None
-                    reason = str(e).split(":")[0].split(" (")[0]
-                    stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
+                    stats.reasons[e.kind] = stats.reasons.get(e.kind, 0) + 1
                     stats.rejected += 1
-                    bad.append({"file": str(path), "line": lineno, "error": str(e),
+                    bad.append({"file": str(path), "line": lineno, "kind": e.kind, "error": str(e),
                                 "raw": raw.decode("utf-8", errors="replace").rstrip("\n")})
                     continue
                 ids[rid] = where

@@ -7,8 +7,9 @@
    with a disjoint ``VLLM_CPU_OMP_THREADS_BIND`` core range each) and a Traefik proxy whose file
    configuration is generated from the server list (round robin, health checks on ``/health``),
 3. writes ``server{i}.ready`` and then ``proxy.ready`` (URL, model, pid) only after ``/health``
-   passes, atomically, and keeps ``state.json`` up to date (starting, ready, failed, stopped),
-4. stops every process it started, by process group, when it gets SIGTERM or SIGINT (Snakemake
+   passes, atomically, and keeps ``state.json`` up to date (starting, ready, failed),
+4. on a clean stop removes the service folder (so it never looks newer than the consumers'
+   outputs), and stops every process it started, by process group, when it gets SIGTERM or SIGINT (Snakemake
    terminates service jobs when their consumers are done), when its parent process goes away
    (Snakemake exited after a failure), or when every server has died. Children also get
    ``PR_SET_PDEATHSIG`` so that even a SIGKILL of the supervisor takes them down.
@@ -197,7 +198,7 @@ class Pool:
             self.servers.append({"index": i, "url": f"http://{spec.host}:{port}", "pid": proc.pid,
                                  "model": spec.served_name, "env": env})
         port, ping_port = free_port(), free_port()
-        static = traefik_config(self.folder, port, ping_port, [s["url"] for s in self.servers],
+        static = traefik_config(self.log_dir, port, ping_port, [s["url"] for s in self.servers],
                                 spec.health_interval_s)
         proxy = self._start("proxy", [traefik_binary(), f"--configFile={static}"], {})
         self.proxy = {"url": f"http://127.0.0.1:{port}", "pid": proxy.pid, "model": spec.served_name,
@@ -306,7 +307,9 @@ def run_pool(spec: PoolSpec, folder: str | Path, log_dir: str | Path, ready_time
     finally:
         pool.stop()
     if code == 0:
-        pool.state("stopped", reason=", ".join(stop_reason))
+        # Nothing may stay behind in (or recreate) the service folder: a folder newer than the
+        # consumers' outputs would make Snakemake rerun them. A failed pool keeps state.json.
+        shutil.rmtree(folder, ignore_errors=True)
     log.info("supervisor exits (%s)", ", ".join(stop_reason) or "error")
     return code
 
@@ -326,11 +329,8 @@ def wait_ready(folder: str | Path, timeout_s: float, poll_s: float = 1.0) -> dic
         state = folder / STATE
         if state.exists():
             st = read_json(state)
-            if st["status"] in ("failed", "stopped"):
-                raise ServiceError(
-                    f"the serving pool in {folder} is {st['status']}: {st.get('error', st.get('reason'))}; "
-                    f"see {st['log_dir']}"
-                )
+            if st["status"] == "failed":
+                raise ServiceError(f"the serving pool in {folder} failed: {st['error']}; see {st['log_dir']}")
             try:
                 os.kill(st["supervisor_pid"], 0)
             except ProcessLookupError:

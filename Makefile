@@ -1,0 +1,30 @@
+# The two commands of README.md, and a few helpers. Each target does its own set-up.
+VENV ?= .venv
+# Jobs run `python -m modelmake`: the environment's bin comes first on PATH, as after `source .venv/bin/activate`.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+SNAKEMAKE = snakemake
+PYTEST = python -m pytest
+
+.PHONY: setup demo test test-quick lint bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup  ## run the embedded default (config.yaml) end to end on the CPU
+	$(SNAKEMAKE) --cores all
+
+test: setup  ## every test, the slow ones (real vLLM servers, the demo workflow) included
+	$(PYTEST) tests
+
+test-quick: setup  ## unit and dry-run tests only (seconds)
+	$(PYTEST) tests -m "not slow"
+
+lint: setup
+	$(SNAKEMAKE) --lint
+
+bench: setup
+	python bench/bench_dag.py
+	python bench/bench_serving.py
+
+clean:
+	rm -rf results .snakemake
