@@ -95,6 +95,14 @@ def test_missing_model_folder_names_the_key_path(config):
     assert "models.teacher.path: dir 'models/absent' does not exist" in msg
 
 
+def test_paths_must_be_of_the_right_kind(config):
+    config["datasets"]["chat_en"]["splits"]["train"] = ["resources/demo"]  # a folder, not a file
+    config["models"]["teacher"] = {"path": "config.yaml"}  # a file, not a model folder
+    msg = problems(config)
+    assert "datasets.chat_en.splits.train[0]: file 'resources/demo' does not exist" in msg
+    assert "models.teacher.path: dir 'config.yaml' does not exist" in msg
+
+
 def test_check_paths_false_skips_the_existence_checks(config):
     config["datasets"]["chat_en"]["splits"]["train"] = ["resources/demo/nope.jsonl"]
     assert validate(config, check_paths=False)["datasets"]["chat_en"]["splits"]["train"] == [

@@ -1,0 +1,102 @@
+"""Benchmark: Snakemake's planning time at scale (10,000 pseudo-label shards).
+
+Measures, in one run and on this machine:
+  * ``snakemake -n`` on a config with partitions x shards_per_partition = 10,000 shards, nothing built;
+  * ``snakemake -n`` when every output exists (a no-op rerun: "Nothing to be done");
+  * the same two for a baseline of 100 shards, so the ratios show how planning scales.
+The pseudo-label outputs of the no-op case are placeholders written by this script (nothing is
+generated); the reformat and shard steps run for real.
+
+Usage: python bench/bench_dag.py [--partitions 10] [--shards 1000]
+Targets from the foundation issue: < 10 s for the dry run, < 3 s for the no-op rerun (2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def make_workdir(root: Path, partitions: int, shards: int) -> Path:
+    wd = root / f"p{partitions}x{shards}"
+    (wd / "model").mkdir(parents=True)  # a placeholder model folder: a dry run never loads it
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg = copy.deepcopy(cfg)
+    cfg.pop("assets")
+    cfg["results"] = str(wd / "results")
+    cfg["models"] = {"teacher": {"path": str(wd / "model")}}
+    for d in cfg["datasets"].values():
+        d["splits"] = {k: [str(REPO / f) for f in v] for k, v in d["splits"].items()}
+    cfg["pseudo_labels"].update(partitions=partitions, shards_per_partition=shards)
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return wd
+
+
+def snakemake(wd: Path, *args: str) -> tuple[float, str]:
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(wd), "--configfile",
+           str(wd / "config.yaml"), "--cores", "2", *args, "--quiet", "all"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    t = time.perf_counter()
+    p = subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit(f"snakemake {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return dt, p.stdout + p.stderr
+
+
+def fill_outputs(wd: Path, partitions: int, shards: int) -> None:
+    """Build the real data steps, then place pseudo-label outputs so that nothing is left to do."""
+    targets = [str(wd / f"results/data/{d}/shards/train/part{p}") for d in ("chat_en", "chat_zh")
+               for p in range(partitions)]
+    snakemake(wd, *targets)
+    time.sleep(1.1)  # outputs must be newer than the shards at mtime resolution
+    for d in ("chat_en", "chat_zh"):
+        base = wd / f"results/pseudo_labels/{d}/teacher"
+        for p in range(partitions):
+            (base / f"part{p}").mkdir(parents=True, exist_ok=True)
+            for s in range(shards):
+                (base / f"part{p}/shard{s}.jsonl").touch()
+        time.sleep(0.05)
+        for name in ("labels.parquet", "stats.json", "lengths.png"):
+            (base / name).touch()
+
+
+def measure(root: Path, partitions: int, shards: int) -> dict:
+    wd = make_workdir(root, partitions, shards)
+    dry, _ = snakemake(wd, "-n")
+    fill_outputs(wd, partitions, shards)
+    noop, out = snakemake(wd, "-n")
+    assert "Nothing to be done" in out or out.strip() == "", out[-2000:]
+    return {"shards": partitions * shards, "dry_run_s": dry, "noop_s": noop}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--partitions", type=int, default=10)
+    ap.add_argument("--shards", type=int, default=1000)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = measure(Path(tmp), 1, 100)
+        big = measure(Path(tmp), args.partitions, args.shards)
+    print(f"{'shards':>8} {'dry run (s)':>12} {'no-op rerun (s)':>16}")
+    for r in (base, big):
+        print(f"{r['shards']:>8} {r['dry_run_s']:>12.2f} {r['noop_s']:>16.2f}")
+    print(f"ratio {big['shards']}/{base['shards']} shards: dry run x{big['dry_run_s'] / base['dry_run_s']:.2f}, "
+          f"no-op x{big['noop_s'] / base['noop_s']:.2f}")
+    print(f"targets: dry run < 10 s -> {'met' if big['dry_run_s'] < 10 else 'MISSED'}; "
+          f"no-op < 3 s -> {'met' if big['noop_s'] < 3 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

