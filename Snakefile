@@ -13,7 +13,6 @@ configfile: "config.yaml"
 include: "rules/common.smk"
 include: "rules/assets.smk"
 include: "rules/data.smk"
-include: "rules/serve.smk"
 include: "rules/pseudo_labels.smk"
 
 

@@ -1,5 +1,6 @@
 # Shared wiring: config validation, the results layout (every path helper), model references.
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -93,11 +94,12 @@ def asset_corpora():
     ]
 
 
-# --- used by rules/serve.smk
-def pool_spec(w):
+# --- used by rules/pseudo_labels.smk
+def pool_spec(role):
+    """The serving pool of a model role (modelmake.serve.PoolSpec) as JSON."""
     s = config["serve"]
     return as_json({
-        "model": model_dir(w.model), "served_name": w.model,
+        "model": model_dir(role), "served_name": role,
         "servers": s["servers_per_partition"], "max_model_len": s["max_model_len"],
         "dtype": s["dtype"], "seed": config["seed"], "enforce_eager": s["enforce_eager"],
         "cpu_threads_per_server": s["cpu_threads_per_server"], "cpu_kvcache_gib": s["cpu_kvcache_gib"],
@@ -105,7 +107,6 @@ def pool_spec(w):
     })
 
 
-# --- used by rules/pseudo_labels.smk
 PL = config["pseudo_labels"]
 
 

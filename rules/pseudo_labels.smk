@@ -2,39 +2,44 @@
 
 
 rule generate_shard:
-    """Re-generate the assistant turns of one shard with the teacher behind the partition's proxy."""
+    """Re-generate the assistant turns of one shard with the teacher, through its partition's pool.
+
+    The job leases the pool of vLLM servers and Traefik (modelmake.serve.lease): it joins the
+    running pool of this partition on this host or starts one; the pool stops once its last
+    consumer has left. Params are plain strings (no input functions): planning 10,000 shards stays fast.
+    """
     input:
         shards=data_path("{dataset}", "shards", PL["split"], "part{part}"),
-        service=results("serve", "{teacher}", "part{part}"),
-        teacher=lambda w: model_inputs(w.teacher),
+        teacher=model_inputs(PL["teacher"]),
     output:
         labels_path("{dataset}", "{teacher}", "part{part}", "shard{shard}.jsonl"),
     params:
-        settings=lambda w: as_json({
-            "teacher_source": model_source(w.teacher),
+        settings=as_json({
+            "teacher_source": model_source(PL["teacher"]),
             "sampling": PL["sampling"],
             "max_conversation_tokens": PL["max_conversation_tokens"],
-            "concurrency": PL["concurrency"], "retries": PL["retries"],
+            "concurrency": PL["concurrency"],
+            "retries": PL["retries"],
             "max_failure_share": PL["max_failure_share"],
         }),
+        pool_spec=pool_spec(PL["teacher"]),
+        pool_dir=results("serve", PL["teacher"]),
+        pool_logs=log_path("serve", PL["teacher"]),
         ready_timeout=config["serve"]["ready_timeout_s"],
+        idle_timeout=config["serve"]["idle_timeout_s"],
     log:
         log_path("generate", "{dataset}", "{teacher}", "part{part}", "shard{shard}.log"),
-    benchmark:
-        bench_path("generate", "{dataset}", "{teacher}", "part{part}", "shard{shard}.tsv")
-    group:
-        "serve"
-    # An async HTTP client: it waits on the servers, whose cores the pool already holds. Zero
-    # threads lets all shards of a partition run beside their pool in one group job.
-    threads: 0
+    wildcard_constraints:
+        teacher=re.escape(PL["teacher"]),
     resources:
         runtime=24 * 60,
     conda:
         "../envs/serve.yaml"
     shell:
-        "python -m modelmake generate {input.shards:q}/shard{wildcards.shard}.jsonl --service {input.service:q} "
-        "--out {output:q} --settings {params.settings:q} --ready-timeout {params.ready_timeout} "
-        "> {log:q} 2>&1"
+        "python -m modelmake generate {input.shards:q}/shard{wildcards.shard}.jsonl --out {output:q} "
+        "--settings {params.settings:q} --pool-spec {params.pool_spec:q} "
+        "--pool-folder {params.pool_dir:q}/part{wildcards.part} --pool-logs {params.pool_logs:q}/part{wildcards.part} "
+        "--ready-timeout {params.ready_timeout} --idle-timeout {params.idle_timeout} > {log:q} 2>&1"
 
 
 rule merge_pseudo_labels:

@@ -19,8 +19,7 @@ def test_dry_run_of_the_demo_prints_every_step(tmp_path):
     write_config(tmp_path, small_config(tmp_path))
     out = run_snakemake(tmp_path, "-n").stdout
     assert jobs_planned(out) == {
-        "reformat": 2, "build_tokenizer": 1, "shard": 2, "build_model": 1, "serve_pool": 1,
-        "generate_shard": 4, "merge_pseudo_labels": 2, "all": 1,
+        "reformat": 2, "build_tokenizer": 1, "shard": 2, "build_model": 1, "generate_shard": 4, "merge_pseudo_labels": 2, "all": 1,
     }
 
 
@@ -28,10 +27,10 @@ def test_dag_renders_with_every_rule_connected(tmp_path):
     write_config(tmp_path, small_config(tmp_path))
     dot = run_snakemake(tmp_path, "--dag").stdout
     dot = dot[dot.index("digraph"):]
-    for rule in ["reformat", "shard", "build_tokenizer", "build_model", "serve_pool", "generate_shard",
+    for rule in ["reformat", "shard", "build_tokenizer", "build_model", "generate_shard",
                  "merge_pseudo_labels"]:
         assert rule in dot
-    assert dot.count("->") >= 14
+    assert dot.count("->") >= 12
     if shutil.which("dot"):
         png = subprocess.run(["dot", "-Tpng"], input=dot.encode(), capture_output=True, check=True).stdout
         assert png.startswith(b"\x89PNG")
@@ -57,7 +56,7 @@ def test_partition_subset_builds_only_those_partitions(tmp_path):
     write_config(tmp_path, cfg)
     out = run_snakemake(tmp_path, "-n").stdout
     planned = jobs_planned(out)
-    assert planned["serve_pool"] == 2 and planned["shard"] == 4 and planned["generate_shard"] == 8
+    assert planned["shard"] == 4 and planned["generate_shard"] == 8
     assert "part0" not in out and "part2" not in out
 
 

@@ -7,6 +7,7 @@ Argument wiring only; the work happens in the library modules. A :class:`UserErr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -58,17 +59,27 @@ def cmd_serve(a) -> None:
     from modelmake.serve import PoolSpec, run_pool
 
     spec = PoolSpec(**_json(a.spec))
-    sys.exit(run_pool(spec, a.folder, a.log_dir, a.ready_timeout))
+    sys.exit(run_pool(spec, a.folder, a.log_dir, a.ready_timeout, a.idle_timeout))
 
 
 def cmd_generate(a) -> None:
-    from modelmake.generate import GenerateSettings, Sampling, generate_shard
-    from modelmake.serve import wait_ready
+    import socket
 
-    proxy = wait_ready(a.service, a.ready_timeout)
+    from modelmake.generate import GenerateSettings, Sampling, generate_shard
+    from modelmake.serve import PoolSpec, lease
+
+    spec = PoolSpec(**_json(a.pool_spec))
     opts = _json(a.settings)
-    settings = GenerateSettings(model=proxy["model"], sampling=Sampling(**opts.pop("sampling")), **opts)
-    generate_shard(a.shard, a.out, proxy["url"], settings)
+    host = socket.gethostname()  # one pool per partition and host: leases are local processes
+
+    @contextlib.contextmanager
+    def server():
+        with lease(spec, Path(a.pool_folder) / host, Path(a.pool_logs) / host,
+                   ready_timeout_s=a.ready_timeout, idle_s=a.idle_timeout) as proxy:
+            yield proxy["url"]
+
+    settings = GenerateSettings(model=spec.served_name, sampling=Sampling(**opts.pop("sampling")), **opts)
+    generate_shard(a.shard, a.out, server, settings)
 
 
 def cmd_merge(a) -> None:
@@ -116,19 +127,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, required=True)
     p.set_defaults(func=cmd_shard)
 
-    p = sub.add_parser("serve", help="supervise vLLM servers behind a Traefik proxy (a service job)")
-    p.add_argument("--folder", required=True, help="the service folder (readiness files)")
+    p = sub.add_parser("serve", help="supervise vLLM servers behind a Traefik proxy while leased")
+    p.add_argument("--folder", required=True, help="the pool folder (lock, leases, readiness files)")
     p.add_argument("--log-dir", required=True)
     p.add_argument("--spec", required=True, help="JSON of modelmake.serve.PoolSpec")
     p.add_argument("--ready-timeout", type=float, default=900)
+    p.add_argument("--idle-timeout", type=float, default=15, help="stop after this long without a lease")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="pseudo-label one shard through a serving pool")
     p.add_argument("shard")
-    p.add_argument("--service", required=True, help="the pool's service folder")
     p.add_argument("--out", required=True)
     p.add_argument("--settings", required=True, help="JSON of GenerateSettings less the model")
+    p.add_argument("--pool-spec", required=True, help="JSON of modelmake.serve.PoolSpec")
+    p.add_argument("--pool-folder", required=True, help="the pool's folder (a subfolder per host)")
+    p.add_argument("--pool-logs", required=True, help="the pool's log folder (a subfolder per host)")
     p.add_argument("--ready-timeout", type=float, default=900)
+    p.add_argument("--idle-timeout", type=float, default=15)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("merge", help="pseudo-label shards -> parquet, stats and plot")

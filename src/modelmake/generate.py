@@ -183,9 +183,13 @@ async def generate_records(
 
 
 def generate_shard(
-    shard: str | Path, out: str | Path, base_url: str, settings: GenerateSettings, show_progress=True
+    shard: str | Path, out: str | Path, server, settings: GenerateSettings, show_progress=True
 ) -> dict:
-    """Generate one shard into ``out`` (jsonl), resuming from its journal; return the counts."""
+    """Generate one shard into ``out`` (jsonl), resuming from its journal; return the counts.
+
+    ``server`` is a context manager factory yielding the server's base URL; it is entered only
+    when something is left to generate (a shard fully in its journal needs no server).
+    """
     from tqdm import tqdm
 
     started = time.time()
@@ -217,8 +221,10 @@ def generate_shard(
         bar.set_postfix(tok_s=f"{tokens[0] / max(1e-9, time.time() - started):.0f}",
                         failed=sum("error" in r for r in results.values()))
 
-    with open(jpath, "a", encoding="utf-8") as journal:
-        ok, failed = asyncio.run(generate_records(todo, base_url, settings, journal, progress))
+    ok = 0
+    if todo:
+        with server() as base_url, open(jpath, "a", encoding="utf-8") as journal:
+            ok, _ = asyncio.run(generate_records(todo, base_url, settings, journal, progress))
     bar.close()
 
     total_failed = sum("error" in r for r in results.values())

