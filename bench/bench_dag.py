@@ -38,7 +38,7 @@ def make_workdir(root: Path, partitions: int, shards: int) -> Path:
     cfg["models"] = {"teacher": {"path": str(wd / "model")}}
     for d in cfg["datasets"].values():
         d["splits"] = {k: [str(REPO / f) for f in v] for k, v in d["splits"].items()}
-    cfg["pseudo_labels"].update(partitions=partitions, shards_per_partition=shards)
+    cfg["pseudo_labels"].update(partitions=partitions, shards_per_partition=shards, datasets=["chat_en"])
     (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
     return wd
 
@@ -57,11 +57,10 @@ def snakemake(wd: Path, *args: str) -> tuple[float, str]:
 
 def fill_outputs(wd: Path, partitions: int, shards: int) -> None:
     """Build the real data steps, then place pseudo-label outputs so that nothing is left to do."""
-    targets = [str(wd / f"results/data/{d}/shards/train/part{p}") for d in ("chat_en", "chat_zh")
-               for p in range(partitions)]
+    targets = [str(wd / f"results/data/chat_en/shards/train/part{p}") for p in range(partitions)]
     snakemake(wd, *targets)
     time.sleep(1.1)  # outputs must be newer than the shards at mtime resolution
-    for d in ("chat_en", "chat_zh"):
+    for d in ("chat_en",):
         base = wd / f"results/pseudo_labels/{d}/teacher"
         for p in range(partitions):
             (base / f"part{p}").mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,12 @@ def pool_spec(role):
 PL = config["pseudo_labels"]
 
 
+def pl_recipe():
+    """The pseudo-label settings that shape a dataset's labels (recorded in its provenance)."""
+    keys = ["split", "partitions", "shards_per_partition", "sampling", "max_conversation_tokens", "teacher"]
+    return {k: PL[k] for k in keys}
+
+
 def labels_path(dataset, teacher, *parts):
     return results("pseudo_labels", dataset, teacher, *parts)
 

@@ -63,7 +63,7 @@ rule merge_pseudo_labels:
             category="Pseudo-labels",
         ),
     params:
-        config=lambda w: as_json({"pseudo_labels": PL, "teacher": model_source(w.teacher)}),
+        config=as_json({"pseudo_labels": pl_recipe(), "teacher": model_source(PL["teacher"])}),
     log:
         log_path("merge", "{dataset}", "{teacher}.log"),
     conda:
