@@ -7,9 +7,10 @@ model's own chat template (no templates here).
 Resume without loss or duplicates: every finished record (success or failure) is appended, with a
 fingerprint of the generation settings, to a journal beside the output
 (``<out dir>/.journal/<out name>``). A rerun reuses the journal's successful records whose id is in
-the shard and whose fingerprint matches, and generates only the rest; the output is written
-atomically at the end, in shard order. Snakemake deletes the outputs of a failed group job, but not
-the journal, so even shards finished beside a failed one cost nothing to rebuild.
+the shard, whose input turns are unchanged and whose fingerprint matches, and generates only the
+rest; the output is written atomically at the end, in shard order. Snakemake deletes the outputs
+of a failed group job, but not the journal, so even shards finished beside a failed one cost
+nothing to rebuild.
 """
 
 from __future__ import annotations
@@ -66,8 +67,18 @@ def journal_path(out: Path) -> Path:
     return out.parent / ".journal" / out.name
 
 
-def load_journal(path: Path, wanted: set[str], fingerprint: str) -> dict[str, dict]:
-    """Successful records of earlier runs that can be reused (a torn last line is ignored)."""
+def input_digest(messages: list[dict]) -> str:
+    """What a journal record was generated from (its non-assistant turns, the ones relabel sends), so
+    that a record edited under the same id is not reused."""
+    used = [[m["role"], m["content"]] for m in messages if m["role"] != "assistant"]
+    return hashlib.sha256(json.dumps(used, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def load_journal(path: Path, wanted: dict[str, str], fingerprint: str) -> dict[str, dict]:
+    """Successful records of earlier runs that can be reused (a torn last line is ignored).
+
+    ``wanted`` maps the shard's ids to the input_digest of their messages.
+    """
     done: dict[str, dict] = {}
     if not path.exists():
         return done
@@ -78,7 +89,8 @@ def load_journal(path: Path, wanted: set[str], fingerprint: str) -> dict[str, di
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
             meta = rec.get("generation", {})
-            if rec.get("id") in wanted and "error" not in rec and meta.get("fingerprint") == fingerprint:
+            if (rec.get("id") in wanted and "error" not in rec and meta.get("fingerprint") == fingerprint
+                    and meta.get("input") == wanted[rec["id"]]):
                 done[rec["id"]] = rec
     return done
 
@@ -163,7 +175,8 @@ async def generate_records(
             nonlocal ok, failed
             async with sem:
                 started = time.time()
-                meta = {"model": s.model, "fingerprint": fingerprint, "sampling": asdict(s.sampling)}
+                meta = {"model": s.model, "fingerprint": fingerprint, "input": input_digest(rec["messages"]),
+                        "sampling": asdict(s.sampling)}
                 try:
                     res = await relabel(client, url, rec, s)
                     row = {"id": rec["id"], "messages": res.pop("messages"),
@@ -199,7 +212,7 @@ def generate_shard(
     jpath = journal_path(out)
     jpath.parent.mkdir(parents=True, exist_ok=True)
     fp = settings.fingerprint()
-    done = load_journal(jpath, set(order), fp)
+    done = load_journal(jpath, {r["id"]: input_digest(r["messages"]) for r in records}, fp)
     todo = [r for r in records if r["id"] not in done]
     log.info("%s: %d records, %d reused from the journal, %d to generate",
              shard, len(records), len(done), len(todo))

@@ -1,0 +1,448 @@
+"""generate.py without vLLM: turn-by-turn relabelling, truncation, retries, failure share, resume.
+
+The real teacher server is vLLM. These unit tests need failures on demand (503s, 400s, exact token
+counts), so they talk to ``FakeChatServer``, a small in-process stand-in for vLLM's OpenAI chat
+endpoint on 127.0.0.1 with an ephemeral port. The client code under test (httpx, retries, journal,
+output) is the real one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from modelmake.errors import GenerationError, UserError
+from modelmake.files import dumps
+from modelmake.generate import (GenerateSettings, Sampling, generate_shard, input_digest, journal_path,
+                                request_seed)
+
+
+class FakeChatServer:
+    """A stand-in for vLLM, used only to inject failures into unit tests; not a model server.
+
+    Answers ``POST /v1/chat/completions`` with ``"echo:" + <last user message>``, records every
+    request body, fails the first ``fail_first`` requests with 503, answers 400 to any request
+    whose messages contain ``bad_marker``, and reports token usage computed by ``usage(body)``
+    (default: whitespace-separated words of the prompt and of the answer).
+    """
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.statuses: list[int] = []
+        self.fail_first = 0
+        self.bad_marker: str | None = None
+        self.usage = lambda body, answer: (
+            sum(len(m["content"].split()) for m in body["messages"]), len(answer.split()))
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, reply = fake._answer(self.path, body)
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def _answer(self, path: str, body: dict) -> tuple[int, dict]:
+        with self._lock:
+            self.requests.append(body)
+            n = len(self.requests)
+            if path != "/v1/chat/completions":
+                status, reply = 404, {"error": "not found"}
+            elif n <= self.fail_first:
+                status, reply = 503, {"error": "injected 503"}
+            elif self.bad_marker and any(self.bad_marker in m["content"] for m in body["messages"]):
+                status, reply = 400, {"error": "injected 400"}
+            else:
+                last_user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+                answer = "echo:" + last_user
+                prompt, completion = self.usage(body, answer)
+                status, reply = 200, {
+                    "choices": [{"message": {"role": "assistant", "content": answer},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
+                }
+            self.statuses.append(status)
+            return status, reply
+
+    def factory(self):
+        """The ``server`` argument of generate_shard: a context manager factory yielding the URL."""
+        return lambda: contextlib.nullcontext(self.url)
+
+    def requests_containing(self, text: str) -> list[dict]:
+        return [b for b in self.requests if any(text in m["content"] for m in b["messages"])]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def fake_server(monkeypatch):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    server = FakeChatServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def settings(**overrides) -> GenerateSettings:
+    base = dict(model="teacher", sampling=Sampling(temperature=0.7, top_p=0.9, max_tokens=64, seed=3),
+                teacher_source={"asset": "tiny-llama"}, concurrency=4, retries=2, backoff_s=0.001,
+                request_timeout_s=10.0, max_failure_share=0.0)
+    base.update(overrides)
+    return GenerateSettings(**base)
+
+
+def conv(*turns: str) -> list[dict]:
+    """Alternating user/assistant messages."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+def write_shard(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def simple_shard(tmp_path: Path, ids: list[str]) -> Path:
+    return write_shard(tmp_path / "shard0.jsonl",
+                       [{"id": i, "messages": conv(f"question {i}", f"original answer {i}")} for i in ids])
+
+
+def refuse_server():
+    """A server factory for shards that must not need one."""
+    @contextlib.contextmanager
+    def cm():
+        raise AssertionError("the server was entered although nothing was left to generate")
+        yield  # pragma: no cover
+    return cm
+
+
+# ---------------------------------------------------------------- turn by turn relabelling
+
+
+def test_every_user_turn_is_answered_in_order_with_the_previous_generated_answers(tmp_path, fake_server):
+    system = {"role": "system", "content": "be brief"}
+    record = {"id": "r1", "messages": [system, *conv("u1", "ORIG-a1", "u2", "ORIG-a2", "u3")]}
+    shard = write_shard(tmp_path / "shard0.jsonl", [record])
+    s = settings(concurrency=1)
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    counts = generate_shard(shard, out, fake_server.factory(), s, show_progress=False)
+
+    [row] = read_rows(out)
+    expected = [system, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "echo:u1"},
+                {"role": "user", "content": "u2"}, {"role": "assistant", "content": "echo:u2"},
+                {"role": "user", "content": "u3"}, {"role": "assistant", "content": "echo:u3"}]
+    assert row["id"] == "r1"
+    assert row["messages"] == expected  # the conversation ending in a user turn gets it answered
+    assert "error" not in row
+    # each request is the history so far: the system message, and the teacher's own answers
+    assert [b["messages"] for b in fake_server.requests] == [expected[:2], expected[:4], expected[:6]]
+    assert not fake_server.requests_containing("ORIG")
+    for turn, body in enumerate(fake_server.requests):
+        assert body["model"] == "teacher"
+        assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.7, 0.9, 64)
+        assert body["seed"] == request_seed(3, "r1", turn)
+    gen = row["generation"]
+    assert gen["turns"] == 3 and gen["finish_reasons"] == ["stop"] * 3 and gen["truncated"] is False
+    assert gen["fingerprint"] == s.fingerprint()
+    # usage is summed over the requests (default usage: words of prompt and answer)
+    prompt_words = sum(len(m["content"].split()) for b in fake_server.requests for m in b["messages"])
+    assert gen["usage"] == {"prompt_tokens": prompt_words, "completion_tokens": 3}
+    assert counts["records"] == 1 and counts["generated"] == 1 and counts["failed"] == 0
+    assert counts["completion_tokens"] == 3
+
+
+def test_output_is_in_shard_order_and_original_trailing_assistant_turn_is_replaced(tmp_path, fake_server):
+    ids = [f"id{i:02d}" for i in range(12)]
+    shard = simple_shard(tmp_path, ids)
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    generate_shard(shard, out, fake_server.factory(), settings(concurrency=4), show_progress=False)
+
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == ids
+    for r in rows:
+        assert r["messages"] == conv(f"question {r['id']}", f"echo:question {r['id']}")
+    assert len(fake_server.requests) == len(ids)
+
+
+# ---------------------------------------------------------------- max_conversation_tokens
+
+
+def test_max_conversation_tokens_stops_further_turns_and_sets_truncated(tmp_path, fake_server):
+    # every request: 100 prompt tokens per message in it, 50 completion tokens
+    fake_server.usage = lambda body, answer: (100 * len(body["messages"]), 50)
+    record = {"id": "long", "messages": conv("u1", "a1", "u2", "a2", "u3", "a3", "u4", "a4")}
+    shard = write_shard(tmp_path / "shard0.jsonl", [record])
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    # conversation length after turn 1: 100+50=150, after 2: 300+50=350 (50 left), after 3: 550 > 400
+    generate_shard(shard, out, fake_server.factory(), settings(max_conversation_tokens=400),
+                   show_progress=False)
+
+    [row] = read_rows(out)
+    assert row["messages"] == conv("u1", "echo:u1", "u2", "echo:u2", "u3", "echo:u3")
+    assert row["generation"]["truncated"] is True
+    assert row["generation"]["turns"] == 3
+    # the last answer gets only the budget left
+    assert [b["max_tokens"] for b in fake_server.requests] == [64, 64, 50]
+    assert not fake_server.requests_containing("u4")
+
+
+def test_a_conversation_within_max_conversation_tokens_is_not_truncated(tmp_path, fake_server):
+    fake_server.usage = lambda body, answer: (100 * len(body["messages"]), 50)
+    record = {"id": "long", "messages": conv("u1", "a1", "u2", "a2", "u3", "a3", "u4", "a4")}
+    shard = write_shard(tmp_path / "shard0.jsonl", [record])
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    generate_shard(shard, out, fake_server.factory(), settings(max_conversation_tokens=10_000),
+                   show_progress=False)
+
+    [row] = read_rows(out)
+    assert row["messages"] == conv("u1", "echo:u1", "u2", "echo:u2", "u3", "echo:u3", "u4", "echo:u4")
+    assert row["generation"]["truncated"] is False and row["generation"]["turns"] == 4
+
+
+# ---------------------------------------------------------------- retries and per-record isolation
+
+
+def test_503s_are_retried_and_the_shard_completes_when_retries_suffice(tmp_path, fake_server):
+    fake_server.fail_first = 3
+    ids = ["a", "b"]
+    shard = simple_shard(tmp_path, ids)
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    counts = generate_shard(shard, out, fake_server.factory(), settings(retries=3, concurrency=1),
+                            show_progress=False)
+
+    assert counts["failed"] == 0 and counts["generated"] == 2
+    assert fake_server.statuses == [503, 503, 503, 200, 200]
+    assert [r["messages"][-1]["content"] for r in read_rows(out)] == ["echo:question a", "echo:question b"]
+
+
+def test_a_record_fails_after_its_retries_are_exhausted(tmp_path, fake_server):
+    fake_server.fail_first = 3
+    shard = simple_shard(tmp_path, ["a"])
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    with pytest.raises(GenerationError, match="gave up after 3 attempts; last error: HTTP 503"):
+        generate_shard(shard, out, fake_server.factory(), settings(retries=2), show_progress=False)
+    assert fake_server.statuses == [503, 503, 503]
+
+
+def test_a_400_is_not_retried_and_fails_only_its_record(tmp_path, fake_server):
+    fake_server.bad_marker = "POISON"
+    records = [{"id": i, "messages": conv(f"question {i}", "x")} for i in ["a", "b", "c", "d"]]
+    records[1]["messages"][0]["content"] = "POISON question b"
+    shard = write_shard(tmp_path / "shard0.jsonl", records)
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    counts = generate_shard(shard, out, fake_server.factory(), settings(retries=5, max_failure_share=0.25),
+                            show_progress=False)
+
+    assert len(fake_server.requests_containing("POISON")) == 1  # no retry of a 400
+    assert counts["failed"] == 1 and counts["generated"] == 3
+    rows = {r["id"]: r for r in read_rows(out)}
+    assert list(rows) == ["a", "b", "c", "d"]
+    assert rows["b"]["messages"] is None and "HTTP 400" in rows["b"]["error"]
+    for rid in ["a", "c", "d"]:
+        assert "error" not in rows[rid]
+        assert rows[rid]["messages"][-1] == {"role": "assistant", "content": f"echo:question {rid}"}
+
+
+def test_connection_errors_are_retried_then_reported(tmp_path, monkeypatch):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as sock:  # a loopback port that nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    shard = simple_shard(tmp_path, ["a"])
+
+    with pytest.raises(GenerationError, match="gave up after 2 attempts; last error: ConnectError"):
+        generate_shard(shard, tmp_path / "out" / "shard0.jsonl", lambda: contextlib.nullcontext(url),
+                       settings(retries=1), show_progress=False)
+
+
+# ---------------------------------------------------------------- max_failure_share
+
+
+def test_too_many_failures_raise_generation_error_keep_successes_in_the_journal_and_write_no_output(
+        tmp_path, fake_server):
+    fake_server.bad_marker = "POISON"
+    ids = ["a", "b", "c", "d"]
+    records = [{"id": i, "messages": conv(("POISON " if i in "bd" else "") + f"question {i}", "x")}
+               for i in ids]
+    shard = write_shard(tmp_path / "shard0.jsonl", records)
+    out = tmp_path / "out" / "shard0.jsonl"
+    s = settings(max_failure_share=0.25)
+
+    with pytest.raises(GenerationError) as err:
+        generate_shard(shard, out, fake_server.factory(), s, show_progress=False)
+
+    assert isinstance(err.value, UserError)
+    message = str(err.value)
+    assert "2 of 4 records" in message and "HTTP 400" in message
+    assert str(journal_path(out)) in message
+    assert not out.exists()
+    journal = read_rows(journal_path(out))
+    assert sorted(r["id"] for r in journal if "error" not in r) == ["a", "c"]
+    assert sorted(r["id"] for r in journal if "error" in r) == ["b", "d"]
+
+    # a rerun against a healthy server requests only the failed records
+    fake_server.bad_marker = None
+    fake_server.requests.clear()
+    counts = generate_shard(shard, out, fake_server.factory(), s, show_progress=False)
+    assert sorted(b["messages"][0]["content"] for b in fake_server.requests) == \
+        ["POISON question b", "POISON question d"]
+    assert counts["reused"] == 2 and counts["generated"] == 2 and counts["failed"] == 0
+    assert [r["id"] for r in read_rows(out)] == ids
+
+
+# ---------------------------------------------------------------- resume from the journal
+
+
+def test_resume_requests_only_missing_ids_and_writes_each_id_once_in_shard_order(tmp_path, fake_server):
+    ids = ["a", "b", "c", "d", "e"]
+    shard = simple_shard(tmp_path, ids)
+    out = tmp_path / "out" / "shard0.jsonl"
+    s = settings()
+    fp = s.fingerprint()
+
+    def done(rid: str, fingerprint: str = fp) -> dict:
+        return {"id": rid, "messages": conv(f"question {rid}", f"from journal {rid}"),
+                "generation": {"model": "teacher", "fingerprint": fingerprint,
+                               "input": input_digest(conv(f"question {rid}", f"original answer {rid}")),
+                               "usage": {"prompt_tokens": 2, "completion_tokens": 7}}}
+
+    torn = dumps(done("e"))[:40]  # a kill while writing e
+    lines = [dumps(done("a")), dumps(done("b", fingerprint="0" * 16)),  # other settings
+             dumps(done("zz")),  # not in this shard
+             dumps({"id": "c", "messages": None, "error": "HTTP 400", "generation": {"fingerprint": fp}}),
+             dumps(done("d")), torn]
+    jpath = journal_path(out)
+    jpath.parent.mkdir(parents=True)
+    jpath.write_text("\n".join(lines), encoding="utf-8")  # no newline after the torn line
+
+    counts = generate_shard(shard, out, fake_server.factory(), s, show_progress=False)
+
+    requested = sorted(b["messages"][0]["content"] for b in fake_server.requests)
+    assert requested == ["question b", "question c", "question e"]
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == ids
+    answers = {r["id"]: r["messages"][-1]["content"] for r in rows}
+    assert answers == {"a": "from journal a", "b": "echo:question b", "c": "echo:question c",
+                       "d": "from journal d", "e": "echo:question e"}
+    assert counts["reused"] == 2 and counts["generated"] == 3 and counts["failed"] == 0
+    assert counts["completion_tokens"] == 7 + 7 + 3 * 2  # reused usage, plus 2 words per echo
+    # the journal is compacted: every line parses, each id once, nothing foreign
+    journal = read_rows(jpath)
+    assert sorted(r["id"] for r in journal) == ids
+
+
+def test_a_shard_entirely_in_the_journal_needs_no_server(tmp_path, fake_server):
+    ids = ["a", "b", "c"]
+    shard = simple_shard(tmp_path, ids)
+    out = tmp_path / "out" / "shard0.jsonl"
+    generate_shard(shard, out, fake_server.factory(), settings(), show_progress=False)
+    first = out.read_text(encoding="utf-8")
+    out.unlink()  # as Snakemake does with the outputs of a failed group job
+
+    counts = generate_shard(shard, out, refuse_server(), settings(concurrency=1, retries=9),
+                            show_progress=False)
+
+    assert counts["reused"] == 3 and counts["generated"] == 0 and counts["failed"] == 0
+    assert out.read_text(encoding="utf-8") == first
+    assert len(fake_server.requests) == 3
+
+
+def test_a_record_whose_input_changed_is_not_reused_from_the_journal(tmp_path, fake_server):
+    shard = simple_shard(tmp_path, ["a", "b"])
+    out = tmp_path / "out" / "shard0.jsonl"
+    generate_shard(shard, out, fake_server.factory(), settings(), show_progress=False)
+    # b's question changes under the same id: the journal must not hand back the old answer;
+    # a's original assistant turn changes, which relabelling ignores: a is still reused
+    write_shard(shard, [{"id": "a", "messages": conv("question a", "x")},
+                        {"id": "b", "messages": conv("an edited question b", "x")}])
+    fake_server.requests.clear()
+
+    counts = generate_shard(shard, out, fake_server.factory(), settings(), show_progress=False)
+
+    assert [b["messages"][0]["content"] for b in fake_server.requests] == ["an edited question b"]
+    assert counts["reused"] == 1 and counts["generated"] == 1
+    assert read_rows(out)[1]["messages"] == conv("an edited question b", "echo:an edited question b")
+
+
+def test_changed_sampling_settings_regenerate_everything(tmp_path, fake_server):
+    shard = simple_shard(tmp_path, ["a", "b"])
+    out = tmp_path / "out" / "shard0.jsonl"
+    generate_shard(shard, out, fake_server.factory(), settings(), show_progress=False)
+    fake_server.requests.clear()
+
+    counts = generate_shard(shard, out, fake_server.factory(),
+                            settings(sampling=Sampling(temperature=0.0, max_tokens=64, seed=3)),
+                            show_progress=False)
+
+    assert counts["reused"] == 0 and counts["generated"] == 2
+    assert len(fake_server.requests) == 2
+
+
+# ---------------------------------------------------------------- seeds and fingerprints
+
+
+def test_request_seed_is_deterministic_and_differs_by_seed_id_and_turn():
+    assert request_seed(0, "a", 0) == request_seed(0, "a", 0)
+    seeds = {request_seed(seed, rid, turn)
+             for seed in (0, 1) for rid in ("a", "b", "ab") for turn in range(3)}
+    assert len(seeds) == 2 * 3 * 3
+    assert all(0 <= x < 2**31 for x in seeds)
+
+
+def test_fingerprint_follows_what_is_generated_not_how_fast():
+    base = settings()
+    fp = base.fingerprint()
+    assert settings().fingerprint() == fp
+    changed = [
+        settings(sampling=Sampling(temperature=0.0, top_p=0.9, max_tokens=64, seed=3)),
+        settings(sampling=Sampling(temperature=0.7, top_p=1.0, max_tokens=64, seed=3)),
+        settings(sampling=Sampling(temperature=0.7, top_p=0.9, max_tokens=65, seed=3)),
+        settings(sampling=Sampling(temperature=0.7, top_p=0.9, max_tokens=64, seed=4)),
+        settings(teacher_source={"asset": "other-model"}),
+        settings(teacher_source={"path": "/models/x"}),
+        settings(model="other"),
+        settings(max_conversation_tokens=1000),
+    ]
+    assert all(c.fingerprint() != fp for c in changed)
+    same = [settings(concurrency=64), settings(retries=0), settings(backoff_s=3.0),
+            settings(request_timeout_s=1.0), settings(max_failure_share=0.5)]
+    assert all(c.fingerprint() == fp for c in same)
