@@ -3,7 +3,9 @@
 Measures, in one run and on this machine:
   * ``snakemake -n`` on a config with partitions x shards_per_partition = 10,000 shards, nothing built;
   * ``snakemake -n`` when every output exists (a no-op rerun: "Nothing to be done");
-  * the same two for a baseline of 100 shards, so the ratios show how planning scales.
+  * the same two for 100 shards, so the ratios show how planning scales;
+  * the same two for a trivial Snakefile with as many jobs (one input folder, one output and a log
+    per job: Snakemake's own floor on this machine), so the ratio shows modelmake's overhead.
 The pseudo-label outputs of the no-op case are placeholders written by this script (nothing is
 generated); the reformat and shard steps run for real.
 
@@ -80,6 +82,43 @@ def measure(root: Path, partitions: int, shards: int) -> dict:
     return {"shards": partitions * shards, "dry_run_s": dry, "noop_s": noop}
 
 
+FLOOR = """
+rule all:
+    input: expand("out/p{p}/s{s}.txt", p=range(PARTS), s=range(SHARDS))
+rule one:
+    input: "in/p{p}"
+    output: "out/p{p}/s{s}.txt"
+    log: "logs/p{p}/s{s}.log"
+    shell: "echo {wildcards.s} > {output}"
+rule folder:
+    output: directory("in/p{p}")
+    shell: "mkdir -p {output}"
+"""
+
+
+def measure_floor(root: Path, partitions: int, shards: int) -> dict:
+    wd = root / "floor"
+    wd.mkdir()
+    (wd / "Snakefile").write_text(FLOOR.replace("PARTS", str(partitions)).replace("SHARDS", str(shards)))
+    cmd = [SNAKEMAKE, "-s", str(wd / "Snakefile"), "--directory", str(wd), "--cores", "2", "-n",
+           "--quiet", "all"]
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=wd, check=True, capture_output=True)
+    dry = time.perf_counter() - t
+    for p in range(partitions):
+        (wd / f"in/p{p}").mkdir(parents=True)
+    time.sleep(1.1)
+    for p in range(partitions):
+        (wd / f"out/p{p}").mkdir(parents=True)
+        for s in range(shards):
+            (wd / f"out/p{p}/s{s}.txt").touch()
+    t = time.perf_counter()
+    out = subprocess.run(cmd, cwd=wd, check=True, capture_output=True, text=True)
+    noop = time.perf_counter() - t
+    assert "Nothing to be done" in out.stdout + out.stderr or not out.stdout.strip()
+    return {"shards": partitions * shards, "dry_run_s": dry, "noop_s": noop}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--partitions", type=int, default=10)
@@ -88,11 +127,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = measure(Path(tmp), 1, 100)
         big = measure(Path(tmp), args.partitions, args.shards)
-    print(f"{'shards':>8} {'dry run (s)':>12} {'no-op rerun (s)':>16}")
-    for r in (base, big):
-        print(f"{r['shards']:>8} {r['dry_run_s']:>12.2f} {r['noop_s']:>16.2f}")
+        floor = measure_floor(Path(tmp), args.partitions, args.shards)
+    print(f"{'':>22} {'shards':>8} {'dry run (s)':>12} {'no-op rerun (s)':>16}")
+    for name, r in (("modelmake", base), ("modelmake", big), ("trivial Snakefile", floor)):
+        print(f"{name:>22} {r['shards']:>8} {r['dry_run_s']:>12.2f} {r['noop_s']:>16.2f}")
     print(f"ratio {big['shards']}/{base['shards']} shards: dry run x{big['dry_run_s'] / base['dry_run_s']:.2f}, "
           f"no-op x{big['noop_s'] / base['noop_s']:.2f}")
+    print(f"ratio modelmake / trivial Snakefile at {big['shards']} jobs: dry run "
+          f"x{big['dry_run_s'] / floor['dry_run_s']:.2f}, no-op x{big['noop_s'] / floor['noop_s']:.2f}")
     print(f"targets: dry run < 10 s -> {'met' if big['dry_run_s'] < 10 else 'MISSED'}; "
           f"no-op < 3 s -> {'met' if big['noop_s'] < 3 else 'MISSED'}")
 
