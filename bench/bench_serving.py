@@ -1,7 +1,8 @@
 """Benchmark: generated tokens/s of the full serving path against vLLM's offline engine.
 
 Both sides answer the same prompts (the first user turn of every demo conversation, repeated to
---prompts) with the same model, greedy, same max_tokens, and on the same machine in one run:
+--prompts) with the same model, greedy, exactly --max-tokens tokens each (ignore_eos), on the same
+machine in one run:
 
   baseline  vLLM's offline ``LLM.chat`` in one process, using every core;
   full path modelmake's client (async, bounded concurrency) -> Traefik -> --servers vLLM servers
@@ -10,9 +11,11 @@ Both sides answer the same prompts (the first user turn of every demo conversati
 Start-up (model load, server health) is excluded from both; the ratio is full path / baseline.
 The foundation issue's target is >= 0.95.
 
-Usage: python bench/bench_serving.py [--model results/assets/models/tiny-llama] [--servers 2]
-       [--prompts 800] [--concurrency 32] [--max-tokens 64]
-The model folder is built by `snakemake results/assets/models/tiny-llama` when missing.
+Usage: python bench/bench_serving.py [--hidden 512 --layers 8] [--servers 1] [--prompts 400]
+       [--concurrency 64] [--max-tokens 64] [--model FOLDER]
+Without --model, a random-initialised Llama of the given size is saved with the demo tokenizer
+(built by `snakemake results/assets/tokenizer` when missing): the demo's tiny teacher is so small
+that per-request HTTP cost, not the model, would decide the ratio.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def offline(args) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=args.model, dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     batch = prompts(args.prompts)
     t = time.perf_counter()
     outs = llm.chat(batch, params, use_tqdm=False)
@@ -64,43 +67,75 @@ def full_path(args) -> dict:
 
     spec = PoolSpec(model=args.model, served_name="teacher", servers=args.servers, max_model_len=512,
                     dtype="float32", enforce_eager=True, cpu_threads_per_server=max(1, os.cpu_count() // args.servers))
-    settings = GenerateSettings(model="teacher", sampling=Sampling(temperature=0.0, max_tokens=args.max_tokens),
-                                max_conversation_tokens=512, concurrency=args.concurrency)
+    settings = GenerateSettings(
+        model="teacher", sampling=Sampling(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True),
+        max_conversation_tokens=512, concurrency=args.concurrency)
     records = [{"id": str(i), "messages": m} for i, m in enumerate(prompts(args.prompts))]
     with tempfile.TemporaryDirectory() as tmp, \
             lease(spec, Path(tmp) / "pool", Path(tmp) / "logs", ready_timeout_s=900, idle_s=1) as proxy:
         journal = io.StringIO()
-        t = time.perf_counter()
-        ok, failed = asyncio.run(generate_records(records, proxy["url"], settings, journal))
-        dt = time.perf_counter() - t
+        t, cpu = time.perf_counter(), time.process_time()
+        url = proxy["servers"][0] if args.direct else proxy["url"]
+        ok, failed = asyncio.run(generate_records(records, url, settings, journal))
+        dt, cpu = time.perf_counter() - t, time.process_time() - cpu
     rows = [json.loads(x) for x in journal.getvalue().splitlines()]
     tokens = sum(r["generation"]["usage"]["completion_tokens"] for r in rows if "error" not in r)
-    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt, "failed": failed}
+    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt, "failed": failed, "client_cpu_s": cpu}
+
+
+def bench_model(args, folder: Path) -> str:
+    """A random-initialised Llama of the requested size with the demo tokenizer, saved to folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok_dir = REPO / "results/assets/tokenizer"
+    if not tok_dir.exists():
+        subprocess.run([str(Path(sys.executable).with_name("snakemake")), "--cores", "2", str(tok_dir)],
+                       cwd=REPO, check=True)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                      num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, dtype="float32")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(REPO / "results/assets/models/tiny-llama"))
-    ap.add_argument("--servers", type=int, default=2)
-    ap.add_argument("--prompts", type=int, default=800)
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--model", help="a model folder (default: a random Llama of --hidden/--layers)")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--servers", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--direct", action="store_true", help="skip Traefik: client -> server 0 (the proxy's share)")
     ap.add_argument("--offline-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.offline_only:
-        print(json.dumps(offline(args)))
+        print("BENCH_RESULT " + json.dumps(offline(args)))
         return
-    if not Path(args.model).exists():
-        subprocess.run([str(Path(sys.executable).with_name("snakemake")), "--cores", "2", args.model],
-                       cwd=REPO, check=True)
-    base = subprocess.run([sys.executable, __file__, "--offline-only", *sys.argv[1:]],
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is None:
+            args.model = bench_model(args, Path(tmp) / "model")
+        run(args)
+
+
+def run(args) -> None:
+    base = subprocess.run([sys.executable, __file__, "--offline-only", "--model", args.model,
+                           "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens)],
                           capture_output=True, text=True, check=True)
-    baseline = json.loads(base.stdout.strip().splitlines()[-1])
+    baseline = json.loads(next(x for x in base.stdout.splitlines() if x.startswith("BENCH_RESULT "))[13:])
     path = full_path(args)
     print(f"{'':>10} {'tokens':>8} {'seconds':>8} {'tok/s':>8}")
     print(f"{'offline':>10} {baseline['tokens']:>8} {baseline['seconds']:>8.2f} {baseline['tok_s']:>8.1f}")
-    print(f"{'full path':>10} {path['tokens']:>8} {path['seconds']:>8.2f} {path['tok_s']:>8.1f}"
-          f"   ({args.servers} servers, concurrency {args.concurrency}, {path['failed']} failed)")
+    print(f"{'direct' if args.direct else 'full path':>10} {path['tokens']:>8} {path['seconds']:>8.2f} {path['tok_s']:>8.1f}"
+          f"   ({args.servers} servers, concurrency {args.concurrency}, {path['failed']} failed, "
+          f"client CPU {path['client_cpu_s']:.1f} s)")
     ratio = path["tok_s"] / baseline["tok_s"]
     print(f"ratio full path / offline: {ratio:.2f} (target >= 0.95: {'met' if ratio >= 0.95 else 'MISSED'})")
 

@@ -38,6 +38,7 @@ class Sampling:
     top_p: float = 1.0
     max_tokens: int = 256
     seed: int = 0
+    ignore_eos: bool = False  # generate max_tokens every time (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ async def relabel(client, url: str, rec: dict, s: GenerateSettings) -> dict:
             "max_tokens": min(s.sampling.max_tokens, budget),
             "seed": request_seed(s.sampling.seed, rec["id"], len(finish)),
         }
+        if s.sampling.ignore_eos:
+            body["ignore_eos"] = True  # a vLLM extension of the OpenAI API
         out = await chat(client, url, body, s)
         choice = out["choices"][0]
         history.append({"role": "assistant", "content": choice["message"]["content"] or ""})
