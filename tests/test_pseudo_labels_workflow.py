@@ -169,6 +169,15 @@ def test_labels_load_with_datasets_and_carry_provenance(built):
     assert json.loads((model / "provenance.json").read_text())["config"]["seed"] == 0
 
 
+def test_report_holds_the_stats_and_plot(built):
+    report = built["wd"] / "report.zip"
+    run_snakemake(built["wd"], "--report", str(report))
+    import zipfile
+
+    names = zipfile.ZipFile(report).namelist()
+    assert any(n.endswith("lengths.png") for n in names) and any(n.endswith("stats.json") for n in names)
+
+
 def test_generation_is_greedy_and_reproducible(built):
     """Temperature 0: the teacher answers a training question with its memorised answer."""
     rows = [json.loads(x) for x in (built["wd"] / "results/pseudo_labels/chat_en/teacher/part0/shard1.jsonl")

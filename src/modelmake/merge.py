@@ -76,9 +76,13 @@ def plot_lengths(tokens: list[int], per_shard: list[dict], path: str | Path) -> 
     b.bar(range(len(per_shard)), [s["ok"] for s in per_shard], color="#55a868", label="ok")
     b.bar(range(len(per_shard)), [s["records"] - s["ok"] for s in per_shard],
           bottom=[s["ok"] for s in per_shard], color="#c44e52", label="failed")
-    b.set_xlabel("shard (in merge order)")
+    b.set_xlabel("shard")
     b.set_ylabel("records")
-    b.legend()
+    if len(per_shard) <= 32:
+        names = ["/".join(Path(s["shard"]).with_suffix("").parts[-2:]) for s in per_shard]
+        b.set_xticks(range(len(per_shard)), names, rotation=90 if len(per_shard) > 8 else 0, fontsize=8)
+    b.set_ylim(0, max([s["records"] for s in per_shard] + [1]) * 1.25)
+    b.legend(loc="upper right", ncols=2)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as f:
