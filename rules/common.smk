@@ -30,7 +30,6 @@ RESULTS = Path(config["results"])
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_.-]+",
     split=r"[A-Za-z0-9_-]+",
-    model=r"[A-Za-z0-9_.-]+",
     teacher=r"[A-Za-z0-9_.-]+",
     name=r"[A-Za-z0-9_.-]+",
     part=r"\d+",
