@@ -45,13 +45,6 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
         raise
 
 
-def commit_file(tmp: Path, path: Path) -> None:
-    """fsync an already written temporary file and rename it into place."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def dumps(obj: Any) -> str:
     """The one JSON encoding for records: UTF-8 text, stable key order as given."""
     return json.dumps(obj, ensure_ascii=False)
@@ -66,15 +59,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    n = 0
-    with atomic_open(path) as f:
-        for row in rows:
-            f.write(dumps(row) + "\n")
-            n += 1
-    return n
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
