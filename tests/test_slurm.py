@@ -89,3 +89,23 @@ def test_gpu_resource_requests_gpus_and_the_job_sees_cuda_visible_devices(slurm_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "gpu.txt").read_text().split() == ["CUDA_VISIBLE_DEVICES=0", "SLURM_JOB_PARTITION=gpu"]
     assert (tmp_path / "cpu.txt").read_text().split() == ["CUDA_VISIBLE_DEVICES=unset", "SLURM_JOB_PARTITION=cpu"]
+
+
+FLAKY_SNAKEFILE = """
+rule flaky:
+    output: "done.txt"
+    shell:
+        "if [ ! -e attempted ]; then touch attempted; echo injected fault >&2; exit 1; fi; "
+        "echo ok > {output}"
+"""
+
+
+def test_a_job_that_fails_once_is_retried_and_the_run_completes(slurm_cluster, tmp_path):
+    (tmp_path / "Snakefile").write_text(FLAKY_SNAKEFILE)
+    cmd = [str(REPO / ".venv/bin/snakemake") if (REPO / ".venv/bin/snakemake").exists() else "snakemake",
+           "-s", str(tmp_path / "Snakefile"), "--directory", str(tmp_path), "--profile", str(REPO / "profiles/slurm")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert (tmp_path / "done.txt").read_text() == "ok\n"
+    assert out.count("submitted with SLURM jobid") == 2  # the failed attempt and its retry
