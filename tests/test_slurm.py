@@ -15,7 +15,7 @@ import subprocess
 import pandas as pd
 import pytest
 
-from conftest import REPO, env, run_snakemake, write_config
+from conftest import REPO, SNAKEMAKE, env, run_snakemake, write_config
 from test_pseudo_labels_workflow import N_LINES, pl_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -65,6 +65,14 @@ def test_pipeline_through_slurm_matches_a_local_run(slurm_cluster, tmp_path):
     assert "Nothing to be done" in slurm(cluster, "-n").stdout
 
 
+def run_snakefile(workdir, text: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a small test Snakefile through the slurm profile."""
+    (workdir / "Snakefile").write_text(text)
+    cmd = [SNAKEMAKE, "-s", str(workdir / "Snakefile"), "--directory", str(workdir),
+           "--profile", str(REPO / "profiles/slurm"), *args]
+    return subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True, timeout=600)
+
+
 GPU_SNAKEFILE = """
 rule all:
     input: "gpu.txt", "cpu.txt"
@@ -81,11 +89,7 @@ rule on_cpu:
 
 
 def test_gpu_resource_requests_gpus_and_the_job_sees_cuda_visible_devices(slurm_cluster, tmp_path):
-    (tmp_path / "Snakefile").write_text(GPU_SNAKEFILE)
-    cmd = [str(REPO / ".venv/bin/snakemake") if (REPO / ".venv/bin/snakemake").exists() else "snakemake",
-           "-s", str(tmp_path / "Snakefile"), "--directory", str(tmp_path),
-           "--profile", str(REPO / "profiles/slurm"), "--set-resources", "on_gpu:slurm_partition=gpu"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    proc = run_snakefile(tmp_path, GPU_SNAKEFILE, "--set-resources", "on_gpu:slurm_partition=gpu")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "gpu.txt").read_text().split() == ["CUDA_VISIBLE_DEVICES=0", "SLURM_JOB_PARTITION=gpu"]
     assert (tmp_path / "cpu.txt").read_text().split() == ["CUDA_VISIBLE_DEVICES=unset", "SLURM_JOB_PARTITION=cpu"]
@@ -101,10 +105,7 @@ rule flaky:
 
 
 def test_a_job_that_fails_once_is_retried_and_the_run_completes(slurm_cluster, tmp_path):
-    (tmp_path / "Snakefile").write_text(FLAKY_SNAKEFILE)
-    cmd = [str(REPO / ".venv/bin/snakemake") if (REPO / ".venv/bin/snakemake").exists() else "snakemake",
-           "-s", str(tmp_path / "Snakefile"), "--directory", str(tmp_path), "--profile", str(REPO / "profiles/slurm")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    proc = run_snakefile(tmp_path, FLAKY_SNAKEFILE)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert (tmp_path / "done.txt").read_text() == "ok\n"
