@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,14 +85,6 @@ class Started:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
-
-
-@pytest.fixture
-def started_runs():
-    runs: list[Started] = []
-    yield lambda workdir, *args: runs.append(Started(workdir, *args)) or runs[-1]
-    for r in runs:
-        r.close()
 
 
 def pid_alive(pid: int) -> bool:

@@ -16,10 +16,6 @@ from pathlib import Path
 from modelmake.errors import UserError
 
 
-def _json(text: str):
-    return json.loads(text)
-
-
 def cmd_check_config(a) -> None:
     import yaml
 
@@ -45,7 +41,7 @@ def cmd_build_tokenizer(a) -> None:
 def cmd_build_model(a) -> None:
     from modelmake.assets import build_tiny_llama
 
-    build_tiny_llama(a.tokenizer, a.corpora, a.out, seed=a.seed, **_json(a.arch))
+    build_tiny_llama(a.tokenizer, a.corpora, a.out, seed=a.seed, **json.loads(a.arch))
 
 
 def cmd_shard(a) -> None:
@@ -58,7 +54,7 @@ def cmd_shard(a) -> None:
 def cmd_serve(a) -> None:
     from modelmake.serve import PoolSpec, run_pool
 
-    spec = PoolSpec(**_json(a.spec))
+    spec = PoolSpec(**json.loads(a.spec))
     sys.exit(run_pool(spec, a.folder, a.log_dir, a.ready_timeout, a.idle_timeout))
 
 
@@ -68,8 +64,8 @@ def cmd_generate(a) -> None:
     from modelmake.generate import GenerateSettings, Sampling, generate_shard
     from modelmake.serve import PoolSpec, lease
 
-    spec = PoolSpec(**_json(a.pool_spec))
-    opts = _json(a.settings)
+    spec = PoolSpec(**json.loads(a.pool_spec))
+    opts = json.loads(a.settings)
     host = socket.gethostname()  # one pool per partition and host: leases are local processes
 
     @contextlib.contextmanager
@@ -85,7 +81,7 @@ def cmd_generate(a) -> None:
 def cmd_merge(a) -> None:
     from modelmake.merge import merge_shards
 
-    stats = merge_shards(a.shards, a.out, a.stats, a.plot, config=_json(a.config))
+    stats = merge_shards(a.shards, a.out, a.stats, a.plot, config=json.loads(a.config))
     logging.info("merged: %d ok, %d failed, %d tokens", stats["ok"], stats["failed"], stats["completion_tokens"])
 
 
