@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from modelmake.files import write_provenance
+from modelmake.training import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +83,6 @@ def build_tokenizer(corpora: list[str | Path], out: str | Path, vocab_size: int)
         counts={"vocab": len(fast)},
         started=started,
     )
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
 
 
 def build_tiny_llama(

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import json
 import logging
 import sys
 from pathlib import Path
 
 from modelmake.errors import UserError
+
+PIPELINES = ("router", "selfplay", "arena", "distill")
 
 
 def cmd_check_config(a) -> None:
@@ -149,6 +153,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", required=True)
     p.add_argument("--config", default="{}", help="JSON of the config slice to record")
     p.set_defaults(func=cmd_merge)
+
+    # Each pipeline package adds its own subcommands (modelmake.<pipeline>.cli.add_commands), so
+    # pipelines never edit this file; their modules import torch and friends lazily, in the commands.
+    for name in PIPELINES:
+        if importlib.util.find_spec(f"modelmake.{name}") and importlib.util.find_spec(f"modelmake.{name}.cli"):
+            importlib.import_module(f"modelmake.{name}.cli").add_commands(sub)
     return ap
 
 
