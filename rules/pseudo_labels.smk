@@ -32,7 +32,8 @@ rule generate_shard:
     wildcard_constraints:
         teacher=re.escape(PL["teacher"]),
     resources:
-        runtime=24 * 60,
+        gpu=pool_gpus(),
+        runtime=config["serve"]["runtime_per_shard_min"],
     conda:
         "../envs/serve.yaml"
     shell:

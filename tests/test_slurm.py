@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 
 import pandas as pd
 import pytest
 
-from conftest import REPO, SNAKEMAKE, env, run_snakemake, write_config
-from test_pseudo_labels_workflow import N_LINES, pl_config
+from conftest import REPO, SNAKEMAKE, Started, env, run_snakemake, wait_until, write_config
+from test_pseudo_labels_workflow import N_LINES, assert_no_pool_process_left, ids, pl_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -48,12 +49,19 @@ def messages(path) -> dict[str, str]:
     return {i: json.dumps([dict(x) for x in m], ensure_ascii=False) for i, m in zip(df["id"], df["messages"])}
 
 
-def test_pipeline_through_slurm_matches_a_local_run(slurm_cluster, tmp_path):
-    local, cluster = tmp_path / "local", tmp_path / "slurm"
+@pytest.fixture(scope="module")
+def local_and_slurm(slurm_cluster, tmp_path_factory):
+    """The demo pipeline (small) run locally and through the slurm profile, in two folders."""
+    local, cluster = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("slurm")
     for wd in (local, cluster):
         write_config(wd, pl_config(wd))
     run_snakemake(local)
     out = slurm(cluster).stdout
+    return local, cluster, out
+
+
+def test_pipeline_through_slurm_matches_a_local_run(local_and_slurm):
+    local, cluster, out = local_and_slurm
     assert "submitted with SLURM jobid" in out
     model = "results/assets/models/tiny-llama/model.safetensors"
     assert sha(local / model) == sha(cluster / model)
@@ -63,6 +71,49 @@ def test_pipeline_through_slurm_matches_a_local_run(slurm_cluster, tmp_path):
         assert len(a) == N_LINES and a == b
     assert list((cluster / "results/logs/slurm").rglob("*.log"))  # a log per SLURM job
     assert "Nothing to be done" in slurm(cluster, "-n").stdout
+
+
+def test_a_partition_runs_as_one_allocation(local_and_slurm):
+    """Every generation job of partition 0 (both datasets, two shards each) shares one SLURM job."""
+    _, cluster, out = local_and_slurm
+    groups = re.findall(r"SLURM jobid (\d+) \(log: [^)]*/group_pl_part0_generate_shard/", out)
+    assert len(groups) == 1, out[-3000:]
+    generate_logs = list((cluster / "results/logs/generate").rglob("shard*.log"))
+    assert len(generate_logs) == 4
+    supervisors = {re.search(r"supervisor pid (\d+)", p.read_text())[1] for p in generate_logs}
+    assert len(supervisors) == 1  # one serving pool for the whole partition
+
+
+def test_scancel_mid_run_then_rerun_loses_and_duplicates_nothing(local_and_slurm, tmp_path):
+    _, cluster, _ = local_and_slurm
+    cfg = pl_config(tmp_path, **{"pseudo_labels.concurrency": 2})
+    cfg["models"]["teacher"] = {"path": str(cluster / "results/assets/models/tiny-llama")}
+    write_config(tmp_path, cfg)
+    journal = tmp_path / "results/pseudo_labels/chat_en/teacher/part0/.journal/shard0.jsonl"
+    run = Started(tmp_path, "--profile", str(REPO / "profiles/slurm"), "--retries", "0")
+    try:
+        wait_until(lambda: journal.exists() and len(journal.read_text().splitlines()) >= 5, 900,
+                   what="the first generated records")
+        out = (tmp_path / "snakemake.out").read_text()
+        job = re.findall(r"SLURM jobid (\d+) \(log: [^)]*/group_pl_part0_generate_shard/", out)
+        assert len(job) == 1, out[-3000:]
+        subprocess.run(["scancel", job[0]], check=True)
+        rc = run.wait(timeout=600)
+        at_cancel = len(journal.read_text().splitlines())
+    finally:
+        run.close()
+    assert rc != 0
+    assert_no_pool_process_left(tmp_path)
+    slurm(tmp_path)
+    for name in ("chat_en", "chat_zh"):
+        got = [i for p in sorted((tmp_path / f"results/pseudo_labels/{name}/teacher/part0").glob("shard*.jsonl"))
+               for i in ids(p)]
+        want = [i for p in sorted((tmp_path / f"results/data/{name}/shards/train/part0").glob("shard*.jsonl"))
+                for i in ids(p)]
+        assert got == want and len(set(got)) == N_LINES  # nothing lost, nothing duplicated
+    log = (tmp_path / "results/logs/generate/chat_en/teacher/part0/shard0.log").read_text()
+    reused = int(re.search(r"(\d+) reused from the journal", log)[1])
+    assert reused >= at_cancel - 1  # the cancelled job's finished records were not generated again
 
 
 def run_snakefile(workdir, text: str, *args: str) -> subprocess.CompletedProcess:
