@@ -160,7 +160,6 @@ def arena_stage_inputs(stage, base):
     init = arena_model("stage2", base) if stage == "stage3" else model_dir(base)
     out = {"init": init, "labelled": arena_path("data", "labelled.parquet"),
            "pseudo": [arena_path("pseudo", f"{s}.parquet") for s in PSEUDO_SOURCES] if stage == "stage2" else []}
-    out["base"] = model_inputs(base) if stage != "stage3" else []
     return out
 
 

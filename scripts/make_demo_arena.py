@@ -54,12 +54,18 @@ def bad_answer(rng: random.Random, lang: dict, topic: str, fact: str) -> str:
     return fact[: max(4, len(fact) // 3)]
 
 
-def pair(rng: random.Random, i: int, code: str, noise: float, labelled: bool, prefix: str) -> dict:
+def pair(rng: random.Random, i: int, code: str, noise: float, labelled: bool, prefix: str, seen: set) -> dict:
+    """One pair whose text (in either order) no other pair of any file has: a pair in the validation
+    fold must not reappear in training data."""
     lang = LANGS[code]
-    topic = rng.choice(sorted(lang["topics"]))
-    name, fact = lang["topics"][topic]
-    prompt = rng.choice(lang["ask"]).format(t=name)
-    good, bad = good_answer(rng, lang, fact), bad_answer(rng, lang, topic, fact)
+    while True:
+        topic = rng.choice(sorted(lang["topics"]))
+        name, fact = lang["topics"][topic]
+        prompt = rng.choice(lang["ask"]).format(t=name)
+        good, bad = good_answer(rng, lang, fact), bad_answer(rng, lang, topic, fact)
+        if (prompt, good, bad) not in seen:
+            seen.add((prompt, good, bad))
+            break
     a_good = rng.random() < 0.5
     row = {"id": f"{prefix}-{code}-{i:04d}", "prompt": prompt,
            "response_a": good if a_good else bad, "response_b": bad if a_good else good}
@@ -97,11 +103,11 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(3)
-    codes = ["en", "zh"]
+    codes, seen = ["en", "zh"], set()
     write_jsonl(args.out / "labelled.jsonl",
-                [pair(rng, i, codes[i % 2], args.noise, True, "lab") for i in range(args.labelled)])
+                [pair(rng, i, codes[i % 2], args.noise, True, "lab", seen) for i in range(args.labelled)])
     write_jsonl(args.out / "unlabelled.jsonl",
-                [pair(rng, i, codes[i % 2], args.noise, False, "unl") for i in range(args.unlabelled)])
+                [pair(rng, i, codes[i % 2], args.noise, False, "unl", seen) for i in range(args.unlabelled)])
     write_jsonl(args.out / "prompts.jsonl", prompts(rng, args.prompts))
 
 
