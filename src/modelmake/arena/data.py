@@ -80,10 +80,10 @@ def swap(df):
     out["response_a"], out["response_b"] = df["response_b"], df["response_a"]
     if "winner" in df:
         out["winner"] = df["winner"].map({"model_a": "model_b", "model_b": "model_a"})
-    if "p_a" in df:
+    if "p_a" in df and "p_b" in df:
+        out["p_a"], out["p_b"] = df["p_b"], df["p_a"]
+    elif "p_a" in df:
         out["p_a"] = 1.0 - df["p_a"]
-    if "p_b" in df:
-        out["p_b"] = 1.0 - df["p_b"]
     return out
 
 

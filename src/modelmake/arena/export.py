@@ -104,8 +104,9 @@ def export_model(model_dir: str, labelled: str, valid_fold: int, stage_eval: str
              "metrics": metrics(got["p_a"], valid["winner"]), "dtype": "float16",
              "command": "python predict.py --input <pairs.parquet> --out <preds.parquet>"}
     write_json(tmp / "reproduce.json", check)
+    source = Path(model_dir) / "provenance.json"
     write_provenance(tmp, config={"valid_fold": valid_fold, "tolerance": tolerance,
-                                  "source": read_json(Path(model_dir) / "provenance.json")["config"]},
+                                  "source": read_json(source)["config"] if source.exists() else None},
                      inputs=[model_dir, labelled, stage_eval], counts=check, started=started)
     finish(tmp, out)
     return check
