@@ -92,7 +92,7 @@ rule arena_pairs:
     output:
         arena_path("pairs", "pairs.parquet"),
     params:
-        answers=[f"{g}={arena_path('pairs', 'answers', g + '.jsonl')}" for g in AR["response_pairs"]["generators"]],
+        answers=[f"{g}={arena_path('pairs', 'answers', f'{g}.jsonl')}" for g in AR["response_pairs"]["generators"]],
         seed=config["seed"],
     log:
         log_path("arena", "pairs.log"),
@@ -168,7 +168,7 @@ rule arena_merge_pseudo:
         parquet=arena_path("pseudo", "{source}.parquet"),
         stats=arena_path("pseudo", "{source}.stats.json"),
     params:
-        predictions=lambda w: [f"{b}={arena_path('pseudo', w.source, b + '.parquet')}" for b in AR["bases"]],
+        predictions=lambda w: [f"{b}={arena_path('pseudo', w.source, f'{b}.parquet')}" for b in AR["bases"]],
         settings=as_json(AR["pseudo"]),
     log:
         log_path("arena", "merge_pseudo", "{source}.log"),
@@ -235,7 +235,7 @@ rule arena_report:
         png=report(arena_path("eval", "metrics.png"), caption="../report/arena_plot.rst", category="Arena"),
         json=arena_path("eval", "metrics.json"),
     params:
-        evals=[f"{s}/{b}={arena_path('eval', s, b + '.parquet')}" for s in STAGES for b in AR["bases"]],
+        evals=[f"{s}/{b}={arena_path('eval', s, f'{b}.parquet')}" for s in STAGES for b in AR["bases"]],
         valid_fold=AR["valid_fold"],
     log:
         log_path("arena", "report.log"),
