@@ -217,6 +217,7 @@ def test_metrics_log_loss_and_accuracy():
 # --- export
 
 
+@pytest.mark.slow  # runs the submission's predict.py three times (a fresh torch import each)
 def test_export_reproduces_the_validation_predictions(classifier_dir, tmp_path):
     from modelmake.arena.export import ExportError, export_model
     from modelmake.arena.model import load_classifier, load_tokenizer, predict
@@ -262,3 +263,16 @@ def test_config_cross_checks_name_the_key():
     assert any("arena.bases[1]: 'nope' is not a key of models" in p for p in problems)
     assert any("arena.valid_fold: 7" in p for p in problems)
     assert any("arena.pseudo.weights: no weight for base 'nope'" in p for p in problems)
+
+
+def test_dry_run_plans_every_arena_step(tmp_path):
+    from conftest import run_snakemake, small_config, write_config
+    from test_workflow_dry import jobs_planned
+
+    write_config(tmp_path, small_config(tmp_path))
+    planned = jobs_planned(run_snakemake(tmp_path, "-n", str(tmp_path / "results/arena/demo/eval/metrics.tsv")).stdout)
+    assert {k: v for k, v in planned.items() if k.startswith("arena")} == {
+        "arena_prepare": 1, "arena_sample_prompts": 1, "arena_generate": 2, "arena_pairs": 1,
+        "arena_train": 6, "arena_predict": 4, "arena_merge_pseudo": 2, "arena_export": 2,
+        "arena_export_ensemble": 1, "arena_report": 1,
+    }
