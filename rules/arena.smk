@@ -129,7 +129,7 @@ rule arena_train:
         log_path("arena", "train", "{arena_stage}", "{base}.log"),
     benchmark:
         bench_path("arena", "train", "{arena_stage}", "{base}.tsv")
-    threads: 2
+    threads: 1  # two small trainings side by side beat one with two threads (start-up overlaps)
     resources:
         mem_mb=4000,
         runtime=120,

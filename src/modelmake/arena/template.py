@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-INSTRUCTION = ("You are a judge. Read the user's prompt and two responses, "
-               "and decide which response is better.")
-PROMPT_HEADER = "\n\n# Prompt\n"
-A_HEADER = "\n\n# Response A\n"
-B_HEADER = "\n\n# Response B\n"
-VERDICT_CUE = "\n\n# Which response is better, A or B?\nVerdict:"
+INSTRUCTION = "Judge which response answers the prompt better."
+PROMPT_HEADER = "\nPrompt: "
+A_HEADER = "\nResponse A: "
+B_HEADER = "\nResponse B: "
+VERDICT_CUE = "\nBetter response (A or B):"
 
 
 @dataclass(frozen=True)
