@@ -14,10 +14,16 @@ include: "rules/common.smk"
 include: "rules/assets.smk"
 include: "rules/data.smk"
 include: "rules/pseudo_labels.smk"
+if config.get("distill"):
+
+    include: "rules/distill.smk"
+
+
 
 
 rule all:
     """Everything the config asks for."""
     input:
         pseudo_label_targets(),
+        distill_targets(),
     default_target: True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 from modelmake.errors import ServiceError, UserError
-from modelmake.files import write_json
+from modelmake.files import read_json, write_json
 from modelmake.serve import _die_with_parent, free_port
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,12 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool 
     world = layout.world_size if service else layout.groups * layout.ranks_per_group
     job = {**job, "backend": "nccl" if gpu else "gloo"}
     job_path = ckpt / "job.json"
+    fp = fingerprint(job)
+    if job_path.exists() and read_json(job_path).get("fingerprint") != fp:
+        log.info("settings or inputs changed since the checkpoints in %s were written: starting afresh", ckpt)
+        for old_ckpt in ckpt.glob("checkpoint-*"):
+            shutil.rmtree(old_ckpt, ignore_errors=True)
+    job["fingerprint"] = fp
     write_json(job_path, job)
     port = free_port()
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] if gpu else []
@@ -135,4 +142,20 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool 
         stop_all(grace_s=2)
         for s, h in old.items():
             signal.signal(s, h)
+    for done in ckpt.glob("checkpoint-*"):  # the model folder is complete: checkpoints are spent
+        shutil.rmtree(done, ignore_errors=True)
     log.info("stage done: %s", job["out"])
+
+
+def fingerprint(job: dict) -> str:
+    """What a checkpoint must match to be resumed: settings, layout and the inputs' contents."""
+    import hashlib
+    import json
+
+    from modelmake.files import sha256_tree
+
+    keys = {k: job[k] for k in ("settings", "groups", "ranks_per_group", "teacher_mode", "backend")}
+    keys = {**keys, "settings": {k: v for k, v in job["settings"].items() if k != "fail_at_step"}}
+    inputs = {p: sha256_tree(Path(p) / "manifest.json") if (Path(p) / "manifest.json").exists() else sha256_tree(p)
+              for p in (job["teacher"], job["student"], *job["data"])}
+    return hashlib.sha256(json.dumps([keys, inputs], sort_keys=True).encode()).hexdigest()[:16]
