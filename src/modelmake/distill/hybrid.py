@@ -106,7 +106,10 @@ class TimeMix(nn.Module):
                 past_key_values=None, **kwargs):
         b, t, _ = hidden_states.shape
         x = hidden_states
+        mask = self.pad_mask if self.pad_mask is not None and self.pad_mask.shape == (b, t) else None
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        if mask is not None:  # a pad before a token shifts in zeros, as at the start of a sequence
+            prev = prev * torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)[..., None].to(x.dtype)
         xr, xk, xv = (x + self.mu[i] * (prev - x) for i in range(3))
 
         def heads(y):
@@ -115,8 +118,7 @@ class TimeMix(nn.Module):
         r = heads(self.receptance(xr))
         k = heads(self.key(xk)) / math.sqrt(self.head_dim)
         v = heads(self.value(xv))
-        mask = self.pad_mask
-        if mask is not None and mask.shape == (b, t):
+        if mask is not None:
             k = k * mask[:, None, :, None].to(k.dtype)  # padding never enters the state
         logw = -torch.exp(self.decay.float())  # log of the decay, [H, D]
         if self.use_fla and chunk_rwkv6 is not None and r.is_cuda:

@@ -155,7 +155,7 @@ def fingerprint(job: dict) -> str:
     from modelmake.files import sha256_tree
 
     keys = {k: job[k] for k in ("settings", "groups", "ranks_per_group", "teacher_mode", "backend")}
-    keys = {**keys, "settings": {k: v for k, v in job["settings"].items() if k != "fail_at_step"}}
+    keys = {**keys, "settings": {k: v for k, v in job["settings"].items() if k not in ("fail_at_step", "teacher_exit_after")}}
     inputs = {p: sha256_tree(Path(p) / "manifest.json") if (Path(p) / "manifest.json").exists() else sha256_tree(p)
               for p in (job["teacher"], job["student"], *job["data"])}
     return hashlib.sha256(json.dumps([keys, inputs], sort_keys=True).encode()).hexdigest()[:16]

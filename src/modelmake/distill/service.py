@@ -142,6 +142,7 @@ class TeacherServer:
         self.model, self.spec, self.group, self.g = model, spec, group, group_index
         self.rank, self.device, self.ready, self.rendezvous = teacher_rank, device, Path(ready), rendezvous
         self.out_dtype = out_dtype
+        self.exit_after = 0
         self.forwards = 0
         self.tokens = 0
         self.busy_s = 0.0
@@ -181,6 +182,9 @@ class TeacherServer:
                                                   self.out_dtype)
                 self.busy_s += time.perf_counter() - t0
                 self.forwards += 1
+                if self.exit_after and self.forwards >= self.exit_after:  # test hook: a teacher that dies
+                    log.error("exiting after %d forwards (test hook teacher_exit_after)", self.forwards)
+                    os._exit(9)
                 self.tokens += int(torch.cat(all_mask[1:]).sum())
                 parts = [logits] if s.topk == 0 else list(logits)
                 if s.hidden:

@@ -93,6 +93,7 @@ def run_teacher(job: dict, layout, groups, rank: int) -> None:
                             "world_size": layout.world_size, "backend": job["backend"], "model": job["teacher"],
                             "rank": rank, "members": layout.members(g)},
                            dtype)
+    server.exit_after = int(job["settings"].get("teacher_exit_after", 0))
     stats = server.serve()
     write_json(Path(job["ckpt"]) / f"teacher_group{g}.stats.json", stats)
 
