@@ -20,7 +20,6 @@ def distill_config(workdir: Path, **overrides) -> dict:
         "assets.models.tiny-llama.steps": 40, "assets.models.tiny-llama.batch_size": 8,
         "distill.stage1.steps": 8, "distill.stage2.steps": 8, "distill.stage1.save_every": 4,
         "distill.stage2.save_every": 4, "distill.chat.max_rows": 80, "distill.max_len": 64, **overrides})
-    cfg["distill"]["web"]["files"] = {k: [str(REPO / f) for f in v] for k, v in cfg["distill"]["web"]["files"].items()}
     return cfg
 
 
