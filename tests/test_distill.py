@@ -259,3 +259,16 @@ def test_mismatched_batch_is_rejected_by_both_sides_not_deadlocked(tmp_path):
     got = run_pair(batch=3, tmp_path=tmp_path)
     assert got[0].startswith("ProtocolError") and got[1].startswith("ProtocolError")
     assert "batch: teacher 2, trainer 3" in got[1]
+
+
+@pytest.mark.skipif(hybrid.chunk_rwkv6 is None or not torch.cuda.is_available(),
+                    reason="flash-linear-attention is not installed / no GPU here: its Triton kernels need one")
+def test_fla_fast_path_gives_the_pure_pytorch_outputs():
+    student = hybrid.from_teacher(tiny_llama(), [0, 1]).cuda()
+    ids = torch.randint(3, 97, (2, 33), device="cuda")
+    with torch.no_grad():
+        slow = student(input_ids=ids).logits
+        for tm in student.time_mixes():
+            tm.use_fla = True
+        fast = student(input_ids=ids).logits
+    torch.testing.assert_close(fast, slow, atol=2e-3, rtol=2e-3)
