@@ -27,7 +27,7 @@ def distill_config(workdir: Path, **overrides) -> dict:
 def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("distill")
     write_config(work, distill_config(work))
-    out = run_snakemake(work, "results/distill/demo/eval/metrics.json")
+    out = run_snakemake(work, str(work / "results/distill/demo/eval/metrics.json"))
     return work, out.stdout
 
 
@@ -67,11 +67,11 @@ def test_trained_student_loads_from_its_folder_and_generates(run):
 
 def test_nothing_reruns_when_nothing_changed_and_a_stage_setting_reruns_only_what_follows(run):
     work, _ = run
-    out = run_snakemake(work, "-n", "results/distill/demo/eval/metrics.json").stdout
+    out = run_snakemake(work, "-n", str(work / "results/distill/demo/eval/metrics.json")).stdout
     assert "Nothing to be done" in out
     cfg = distill_config(work, **{"distill.stage2.temperature": 3.0})
     write_config(work, cfg)
-    out = run_snakemake(work, "-n", "results/distill/demo/eval/metrics.json").stdout
+    out = run_snakemake(work, "-n", str(work / "results/distill/demo/eval/metrics.json")).stdout
     assert "distill_stage" in out and "distill_init_student" not in out and "distill_chat_data" not in out
     write_config(work, distill_config(work))
 
