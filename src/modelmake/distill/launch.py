@@ -31,6 +31,8 @@ from modelmake.serve import _die_with_parent, free_port
 
 log = logging.getLogger(__name__)
 
+SRC = str(Path(__file__).resolve().parents[2])  # the folder holding the modelmake package
+
 
 class TrainingError(UserError):
     """A process of a distillation stage failed; the others were stopped."""
@@ -104,7 +106,9 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool 
                     else f"trainer{layout.role(rank)[2] if service else rank}")
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                    "MASTER_PORT": str(port), "LOCAL_RANK": "0" if gpu else str(rank),
-                   "OMP_NUM_THREADS": str(job.get("threads_per_process", 1))}
+                   "OMP_NUM_THREADS": str(job.get("threads_per_process", 1)),
+                   # the children import this very modelmake, whatever sys.path the caller had
+                   "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
             if gpu:
                 env["CUDA_VISIBLE_DEVICES"] = visible[rank]
             logf = log_dir / f"{name}.log"
