@@ -15,6 +15,11 @@ include: "rules/assets.smk"
 include: "rules/data.smk"
 include: "rules/pseudo_labels.smk"
 include: "rules/arena.smk"
+if config.get("distill"):
+
+    include: "rules/distill.smk"
+
+
 
 
 rule all:
@@ -22,4 +27,5 @@ rule all:
     input:
         pseudo_label_targets(),
         arena_targets(),
+        distill_targets(),
     default_target: True

@@ -28,6 +28,8 @@ def small_config(workdir: Path, **overrides) -> dict:
     for d in c["datasets"].values():
         for split, files in d["splits"].items():
             d["splits"][split] = [str(REPO / f) for f in files]
+    if "distill" in c:  # the distillation demo's web text
+        c["distill"]["web"]["files"] = {k: [str(REPO / f) for f in v] for k, v in c["distill"]["web"]["files"].items()}
     c["results"] = str(workdir / "results")
     _absolute_resources(c)
     for key, value in overrides.items():

@@ -22,6 +22,14 @@ def test_dry_run_of_the_demo_prints_every_step(tmp_path):
     expected = {"reformat": 2, "build_tokenizer": 1, "shard": 2, "generate_shard": 4, "merge_pseudo_labels": 2, "all": 1}
     assert {r: planned.get(r) for r in expected} == expected
     assert planned["build_model"] == len(c["assets"]["models"])  # pipelines may add demo bases
+    write_config(tmp_path, small_config(tmp_path))
+    out = run_snakemake(tmp_path, "-n").stdout
+    expected = {
+        "reformat": 2, "build_tokenizer": 1, "shard": 2, "build_model": 1, "generate_shard": 4, "merge_pseudo_labels": 2, "all": 1,
+    }
+    expected.update({"distill_chat_data": 1, "distill_web_data": 1, "distill_init_student": 1, "distill_stage": 2,
+                     "distill_eval": 1})  # rules/distill.smk
+    assert jobs_planned(out) == expected
 
 
 def test_dag_renders_with_every_rule_connected(tmp_path):

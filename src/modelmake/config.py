@@ -134,4 +134,22 @@ def _cross_checks(c: dict) -> list[str]:
         from modelmake.arena.checks import cross_checks
 
         out += cross_checks(c)
+    out += _distill_checks(c)
+    return out
+
+
+def _distill_checks(c: dict) -> list[str]:
+    d = c.get("distill")
+    if not d:
+        return []
+    out = []
+    if d["teacher"] not in c["models"]:
+        out.append(f"distill.teacher: {d['teacher']!r} is not a key of models")
+    for i, name in enumerate(d["chat"]["datasets"]):
+        if name not in c["datasets"]:
+            out.append(f"distill.chat.datasets[{i}]: {name!r} is not a key of datasets")
+        elif d["chat"]["split"] not in c["datasets"][name]["splits"]:
+            out.append(f"distill.chat.split: {d['chat']['split']!r} is not a split of datasets.{name}")
+    if not d["chat"]["datasets"] and not d["chat"].get("pseudo_labels"):
+        out.append("distill.chat: name at least one dataset or set pseudo_labels: true")
     return out

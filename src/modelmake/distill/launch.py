@@ -1,0 +1,165 @@
+"""The supervisor of one distillation stage: one Snakemake job = one allocation.
+
+It starts, for every group, the teacher process and its trainer ranks (subprocesses of this job,
+each in its own session with ``PR_SET_PDEATHSIG``, one log each), then watches them:
+
+* all exit 0 -> the stage is done (trainer 0 wrote the model folder);
+* any exits non-zero (or is killed) -> every other process is stopped at once (SIGTERM, then
+  SIGKILL) and :class:`TrainingError` names the process, its exit code and the tail of its log;
+* a teacher's readiness file (``group{g}.ready``) missing after ``ready_timeout_s`` -> stop all,
+  ``ServiceError``;
+* this job gets SIGTERM/SIGINT (Snakemake cancelled) -> stop all, exit.
+
+GPU: process ``i`` gets ``CUDA_VISIBLE_DEVICES`` = the i-th GPU of the allocation (teacher and
+trainers one each); backend NCCL. CPU: Gloo, ``threads_per_process`` torch threads each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from modelmake.errors import ServiceError, UserError
+from modelmake.files import read_json, write_json
+from modelmake.serve import _die_with_parent, free_port
+
+log = logging.getLogger(__name__)
+
+SRC = str(Path(__file__).resolve().parents[2])  # the folder holding the modelmake package
+
+
+class TrainingError(UserError):
+    """A process of a distillation stage failed; the others were stopped."""
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool = False) -> None:
+    from modelmake.distill.service import Layout
+
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(job["ckpt"])
+    ckpt.mkdir(parents=True, exist_ok=True)
+    ready_dir = Path(job["ready_dir"])
+    ready_dir.mkdir(parents=True, exist_ok=True)
+    for old in ready_dir.glob("group*.ready"):
+        old.unlink()  # from a killed earlier attempt
+    layout = Layout(job["groups"], job["ranks_per_group"])
+    service = job["teacher_mode"] == "service"
+    world = layout.world_size if service else layout.groups * layout.ranks_per_group
+    job = {**job, "backend": "nccl" if gpu else "gloo"}
+    job_path = ckpt / "job.json"
+    fp = fingerprint(job)
+    if job_path.exists() and read_json(job_path).get("fingerprint") != fp:
+        log.info("settings or inputs changed since the checkpoints in %s were written: starting afresh", ckpt)
+        for old_ckpt in ckpt.glob("checkpoint-*"):
+            shutil.rmtree(old_ckpt, ignore_errors=True)
+    job["fingerprint"] = fp
+    write_json(job_path, job)
+    port = free_port()
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] if gpu else []
+    if gpu and len(visible) < world:
+        raise UserError(f"this stage needs {world} GPUs (groups x (ranks_per_group + 1)), "
+                        f"CUDA_VISIBLE_DEVICES has {len(visible)}: raise the rule's gpu resource")
+    procs: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def stop_all(grace_s: float = 10.0) -> None:
+        for _, p, _ in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for _, p, _ in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+    def on_signal(signum, _frame):
+        log.warning("signal %d: stopping every process of the stage", signum)
+        stop_all()
+        sys.exit(128 + signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for rank in range(world):
+            name = (f"teacher{layout.role(rank)[1]}" if service and layout.role(rank)[0] == "teacher"
+                    else f"trainer{layout.role(rank)[2] if service else rank}")
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port), "LOCAL_RANK": "0" if gpu else str(rank),
+                   "OMP_NUM_THREADS": str(job.get("threads_per_process", 1)),
+                   # the children import this very modelmake, whatever sys.path the caller had
+                   "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
+            if gpu:
+                env["CUDA_VISIBLE_DEVICES"] = visible[rank]
+            logf = log_dir / f"{name}.log"
+            with open(logf, "wb") as f:
+                p = subprocess.Popen([sys.executable, "-m", "modelmake.distill.train", str(job_path)],
+                                     stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     preexec_fn=_die_with_parent)
+            procs.append((name, p, logf))
+            log.info("started %s (rank %d, pid %d), log %s", name, rank, p.pid, logf)
+        started = time.monotonic()
+        ready = [ready_dir / f"group{g}.ready" for g in range(layout.groups)] if service else []
+        seen_ready = False
+        while True:
+            codes = [(n, p.poll(), lf) for n, p, lf in procs]
+            failed = [(n, c, lf) for n, c, lf in codes if c not in (None, 0)]
+            if failed:
+                name, code, logf = failed[0]
+                stop_all()
+                raise TrainingError(
+                    f"{name} exited with code {code}; stopped the other {len(procs) - 1} processes of the stage. "
+                    f"Its log ({logf}) ends:\n{tail(logf)}")
+            if all(c == 0 for _, c, _ in codes):
+                break
+            if ready and not seen_ready:
+                if all(r.exists() for r in ready):
+                    seen_ready = True
+                    log.info("every teacher is ready (%.1f s)", time.monotonic() - started)
+                elif time.monotonic() - started > ready_timeout_s:
+                    stop_all()
+                    missing = [str(r) for r in ready if not r.exists()]
+                    raise ServiceError(f"teacher not ready within distill.ready_timeout_s={ready_timeout_s}: "
+                                       f"{missing} missing; see the logs in {log_dir}")
+            time.sleep(0.2)
+    finally:
+        stop_all(grace_s=2)
+        for s, h in old.items():
+            signal.signal(s, h)
+    for done in ckpt.glob("checkpoint-*"):  # the model folder is complete: checkpoints are spent
+        shutil.rmtree(done, ignore_errors=True)
+    log.info("stage done: %s", job["out"])
+
+
+def fingerprint(job: dict) -> str:
+    """What a checkpoint must match to be resumed: settings, layout and the inputs' contents."""
+    import hashlib
+    import json
+
+    from modelmake.files import sha256_tree
+
+    keys = {k: job[k] for k in ("settings", "groups", "ranks_per_group", "teacher_mode", "backend")}
+    keys = {**keys, "settings": {k: v for k, v in job["settings"].items() if k not in ("fail_at_step", "teacher_exit_after")}}
+    inputs = {p: sha256_tree(Path(p) / "manifest.json") if (Path(p) / "manifest.json").exists() else sha256_tree(p)
+              for p in (job["teacher"], job["student"], *job["data"])}
+    return hashlib.sha256(json.dumps([keys, inputs], sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,143 @@
+"""The distillation pipeline end to end through real Snakemake, teacher processes and Gloo groups,
+plus the stage supervisor's promises (resume after a kill, fail fast when a teacher dies) and the
+DeepSpeed path on CPU. Slow: one module fixture builds a small run that the other tests reuse."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_snakemake, small_config, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def distill_config(workdir: Path, **overrides) -> dict:
+    cfg = small_config(workdir, **{
+        "assets.models.tiny-llama.steps": 40, "assets.models.tiny-llama.batch_size": 8,
+        "distill.stage1.steps": 8, "distill.stage2.steps": 8, "distill.stage1.save_every": 4,
+        "distill.stage2.save_every": 4, "distill.chat.max_rows": 80, "distill.max_len": 64, **overrides})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("distill")
+    write_config(work, distill_config(work))
+    out = run_snakemake(work, str(work / "results/distill/demo/eval/metrics.json"))
+    return work, out.stdout
+
+
+def test_demo_run_builds_every_stage_and_the_student_moves_towards_the_teacher(run):
+    work, _ = run
+    root = work / "results/distill/demo"
+    m = json.loads((root / "eval/metrics.json").read_text())
+    chat = m["datasets"]["chat"]
+    assert set(chat["perplexity"]) == {"teacher", "stage0", "stage1", "stage2"}
+    assert chat["kl_to_teacher"]["stage2"] < chat["kl_to_teacher"]["stage0"]
+    assert chat["perplexity"]["stage2"] < chat["perplexity"]["stage0"]
+    for n in (1, 2):
+        assert (root / f"stage{n}/model/manifest.json").exists()
+        assert (root / f"stage{n}/loss.png").stat().st_size > 1000
+        assert not list((root / f"stage{n}/ckpt").glob("checkpoint-*"))  # spent after success
+        assert not list((root / "teacher" / f"stage{n}").glob("*.ready"))  # services shut down
+    hist = json.loads((root / "stage2/history.json").read_text())
+    assert {"kl_loss", "ce_loss"} <= set(hist[0])
+    # two groups, each with its own teacher that served every step
+    stats = [json.loads((root / f"stage1/ckpt/teacher_group{g}.stats.json").read_text()) for g in (0, 1)]
+    assert [s["forwards"] for s in stats] == [8, 8]
+
+
+def test_trained_student_loads_from_its_folder_and_generates(run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work, _ = run
+    folder = work / "results/distill/demo/stage2/model"
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert type(model).__name__ == "HybridForCausalLM" and model.config.rwkv_layers == [1]
+    enc = tok.apply_chat_template([{"role": "user", "content": "What should I know about the moon?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+
+
+def test_nothing_reruns_when_nothing_changed_and_a_stage_setting_reruns_only_what_follows(run):
+    work, _ = run
+    out = run_snakemake(work, "-n", str(work / "results/distill/demo/eval/metrics.json")).stdout
+    assert "Nothing to be done" in out
+    cfg = distill_config(work, **{"distill.stage2.temperature": 3.0})
+    write_config(work, cfg)
+    out = run_snakemake(work, "-n", str(work / "results/distill/demo/eval/metrics.json")).stdout
+    assert "distill_stage" in out and "distill_init_student" not in out and "distill_chat_data" not in out
+    write_config(work, distill_config(work))
+
+
+def stage_job(work: Path, tmp: Path, **settings) -> dict:
+    root = work / "results/distill/demo"
+    s = {"stage": 2, "steps": 6, "batch_size": 2, "max_len": 64, "lr": 1e-3, "weight_decay": 0.0,
+         "warmup_steps": 1, "kl_weight": 1.0, "ce_weight": 0.5, "temperature": 2.0, "teacher_topk": 16,
+         "trainable": "rwkv", "save_every": 2, "log_every": 1, "seed": 0, "collective_timeout_s": 60,
+         "grad_clip": 1.0, "deepspeed": None, **settings}
+    return {"settings": s, "teacher": str(work / "results/assets/models/tiny-llama"),
+            "student": str(root / "stage1/model"), "data": [str(root / "data/chat/train.parquet")],
+            "out": str(tmp / "model"), "plot": str(tmp / "loss.png"), "history": str(tmp / "h.json"),
+            "ckpt": str(tmp / "ckpt"), "ready_dir": str(tmp / "ready"), "groups": 1, "ranks_per_group": 2,
+            "teacher_mode": "service", "threads_per_process": 1}
+
+
+def weights(folder: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_killed_stage_resumes_from_its_last_checkpoint_with_the_same_result(run, tmp_path):
+    import torch
+
+    from modelmake.distill.launch import TrainingError, run_stage
+
+    work, _ = run
+    with pytest.raises(TrainingError, match="trainer0 exited with code 17"):
+        run_stage(stage_job(work, tmp_path / "killed", fail_at_step=4), tmp_path / "logs1", 120)
+    assert (tmp_path / "killed/ckpt/checkpoint-4/trainer_state.json").exists()
+    assert not (tmp_path / "killed/model").exists()
+    run_stage(stage_job(work, tmp_path / "killed"), tmp_path / "logs2", 120)
+    assert "resumed at step 4" in (tmp_path / "logs2/trainer0.log").read_text()
+    hist = json.loads((tmp_path / "killed/h.json").read_text())
+    assert [r["step"] for r in hist] == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing twice
+    run_stage(stage_job(work, tmp_path / "whole"), tmp_path / "logs3", 120)
+    a, b = weights(tmp_path / "killed/model"), weights(tmp_path / "whole/model")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_teacher_that_dies_makes_its_trainers_fail_fast(run, tmp_path):
+    from modelmake.distill.launch import TrainingError, run_stage
+
+    work, _ = run
+    started = time.monotonic()
+    with pytest.raises(TrainingError) as e:
+        run_stage(stage_job(work, tmp_path, teacher_exit_after=2, collective_timeout_s=600), tmp_path / "logs", 120)
+    assert time.monotonic() - started < 90  # not the 600 s collective timeout
+    assert "teacher0 exited with code 9" in str(e.value)  # named, with its log's tail
+    assert "test hook teacher_exit_after" in str(e.value)
+    assert not (tmp_path / "model").exists()
+
+
+def test_deepspeed_zero3_path_trains_on_cpu_and_saves_a_loadable_student(run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from modelmake.distill.launch import run_stage
+
+    work, _ = run
+    job = stage_job(work, tmp_path, deepspeed=str(REPO / "config/distill/zero3_cpu.json"), steps=3, save_every=10)
+    job.update(teacher_mode="local", ranks_per_group=1)
+    run_stage(job, tmp_path / "logs", 120)
+    assert "DeepSpeed" in (tmp_path / "logs/trainer0.log").read_text()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    assert model.config.rwkv_layers == [1]
+    hist = json.loads((tmp_path / "h.json").read_text())
+    assert len(hist) == 3 and all(r["loss"] == r["loss"] for r in hist)
