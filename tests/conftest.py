@@ -21,13 +21,21 @@ def demo_config() -> dict:
     return yaml.safe_load((REPO / "config.yaml").read_text())
 
 
+def _absolute(node):
+    """Relative paths of files in the checkout (resources/..., config/...) made absolute."""
+    if isinstance(node, dict):
+        return {k: _absolute(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_absolute(v) for v in node]
+    if isinstance(node, str) and "/" in node and not Path(node).is_absolute() and (REPO / node).exists():
+        return str(REPO / node)
+    return node
+
+
 def small_config(workdir: Path, **overrides) -> dict:
     """The demo config with absolute resource paths, results under workdir, and overrides
     given as dotted keys: small_config(tmp, **{"serve.servers_per_partition": 1})."""
-    c = copy.deepcopy(demo_config())
-    for d in c["datasets"].values():
-        for split, files in d["splits"].items():
-            d["splits"][split] = [str(REPO / f) for f in files]
+    c = _absolute(copy.deepcopy(demo_config()))
     c["results"] = str(workdir / "results")
     for key, value in overrides.items():
         node = c

@@ -18,9 +18,10 @@ def jobs_planned(output: str) -> dict[str, int]:
 def test_dry_run_of_the_demo_prints_every_step(tmp_path):
     write_config(tmp_path, small_config(tmp_path))
     out = run_snakemake(tmp_path, "-n").stdout
-    assert jobs_planned(out) == {
-        "reformat": 2, "build_tokenizer": 1, "shard": 2, "build_model": 1, "generate_shard": 4, "merge_pseudo_labels": 2, "all": 1,
-    }
+    planned = jobs_planned(out)
+    pseudo_labels = {"reformat": 2, "build_tokenizer": 1, "shard": 2, "build_model": 1, "generate_shard": 4,
+                     "merge_pseudo_labels": 2, "all": 1}
+    assert {k: planned.get(k) for k in pseudo_labels} == pseudo_labels  # other pipelines add their own jobs
 
 
 def test_dag_renders_with_every_rule_connected(tmp_path):

@@ -130,4 +130,10 @@ def _cross_checks(c: dict) -> list[str]:
             f"pseudo_labels.max_conversation_tokens: {pl['max_conversation_tokens']} exceeds "
             f"serve.max_model_len={c['serve']['max_model_len']}"
         )
+    r = c.get("router")
+    if r is not None:
+        if r["base"] not in c["models"]:
+            out.append(f"router.base: {r['base']!r} is not a key of models")
+        if r["split"]["calib"] + r["split"]["test"] >= 1:
+            out.append("router.split: calib + test must leave records to train on (sum below 1)")
     return out

@@ -78,8 +78,8 @@ def score_prompts(router: RouterModel | str | Path, prompts: Iterable[str], batc
         rows.append(router.label_probs(prompts[i:i + batch_size]))
     probs = torch.cat(rows) if rows else torch.zeros((0, 5))
     df = pd.DataFrame(probs.numpy(), columns=COLUMNS[:5])
-    df["expected_score"] = probs @ torch.arange(1, 6, dtype=torch.float32)
-    df["p_weak_ok"] = probs[:, 3] + probs[:, 4]
+    df["expected_score"] = (probs @ torch.arange(1, 6, dtype=torch.float32)).numpy()
+    df["p_weak_ok"] = (probs[:, 3] + probs[:, 4]).numpy()
     return df
 
 

@@ -85,6 +85,46 @@ def check_template(tokenizer: Any, conversation: list[dict]) -> None:
         )
 
 
+def same_run_checkpoints(ckpt_dir: Path, recipe: dict) -> None:
+    """Keep ``ckpt_dir`` only for the same recipe (settings, DeepSpeed config, input hashes): a rerun
+    after a kill resumes, a rerun after a config or data change starts afresh."""
+    import hashlib
+
+    from modelmake.files import read_json, sha256_tree
+
+    ident = {
+        **{k: v for k, v in recipe.items() if k not in ("inputs", "deepspeed")},
+        "deepspeed": None if recipe["deepspeed"] is None else Path(recipe["deepspeed"]).read_text(),
+        "inputs": [sha256_tree(p) for p in recipe["inputs"]],
+    }
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    stamp = ckpt_dir / "recipe.json"
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 decides; the others wait for its stamp
+        deadline = time.time() + 120
+        while not (stamp.is_file() and read_json(stamp).get("sha256") == digest):
+            if time.time() > deadline:
+                raise RuntimeError(f"rank 0 did not stamp {stamp}")
+            time.sleep(0.2)
+        return
+    if ckpt_dir.exists() and (not stamp.is_file() or read_json(stamp).get("sha256") != digest):
+        log.info("%s holds checkpoints of another recipe: starting afresh", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
+    if not stamp.is_file():
+        write_json(stamp, {"sha256": digest})
+
+
+def check_lengths(tokenizer: Any, conversations: list[list[dict]], max_length: int) -> None:
+    """Truncation would cut the answer off (TRL keeps the start): refuse examples longer than max_length."""
+    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
+               for c in conversations]
+    over = [n for n in lengths if n > max_length]
+    if over:
+        raise UserError(
+            f"router.train.max_length: {len(over)} of {len(lengths)} examples are longer than {max_length} tokens "
+            f"(longest {max(over)}); truncation would cut off the [[k]] answer. Raise max_length or shorten the prompts"
+        )
+
+
 def train_router(
     train_parquet: str | Path,
     eval_parquet: str | Path,
@@ -122,6 +162,8 @@ def train_router(
     eval_ds = Dataset.from_dict({"messages": to_list(eval_df)})
 
     ckpt_dir = Path(ckpt_dir)
+    same_run_checkpoints(ckpt_dir, {"settings": s, "seed": seed, "deepspeed": deepspeed, "config": config,
+                                    "inputs": [train_parquet, eval_parquet, base_model]})
     args = SFTConfig(  # built before the model: with ZeRO-3 it makes from_pretrained shard the weights
         output_dir=str(ckpt_dir),
         num_train_epochs=s["epochs"],
@@ -154,6 +196,7 @@ def train_router(
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     label_ids = add_label_tokens(tokenizer, model)
     check_template(tokenizer, train_ds[0]["messages"])
+    check_lengths(tokenizer, train_ds["messages"] + eval_ds["messages"], s["max_length"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
