@@ -26,9 +26,8 @@ from pathlib import Path
 
 # A short instruction keeps the tiny demo sequences short; a real run uses the seed's long one.
 SYSTEM = (
-    "[Instruction]\nPredict the score (1 to 5) an expert would give a small AI assistant's answer to "
-    "the question below. 5: a very strong answer; 3: adequate; 1-2: it will struggle. "
-    'Answer as "[[rating]]".'
+    "[Instruction]\nPredict the score (1-5) an expert gives a small assistant's answer to the question. "
+    'Reply "[[rating]]".'
 )
 
 # topic: (weak model's mean score, strong model's mean score, templates, fillers)
