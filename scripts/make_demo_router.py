@@ -24,11 +24,8 @@ import json
 import random
 from pathlib import Path
 
-# A short instruction keeps the tiny demo sequences short; a real run uses the seed's long one.
-SYSTEM = (
-    "[Instruction]\nPredict the score (1-5) an expert gives a small assistant's answer to the question. "
-    'Reply "[[rating]]".'
-)
+# A short instruction keeps the tiny demo's sequences short (CPU time); a real run uses the seed's long one.
+SYSTEM = "Predict the expert score of a small assistant's answer: [[1]] to [[5]]."
 
 # topic: (weak model's mean score, strong model's mean score, templates, fillers)
 TOPICS = {

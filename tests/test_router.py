@@ -292,20 +292,21 @@ def test_dry_run_plans_every_router_step_once(tmp_path):
     from conftest import run_snakemake, small_config, write_config
     from test_workflow_dry import jobs_planned
 
-    write_config(tmp_path, small_config(tmp_path))
+    write_config(tmp_path, small_config(tmp_path))  # the demo trains without DeepSpeed
     planned = jobs_planned(run_snakemake(tmp_path, "-n").stdout)
     assert {k: v for k, v in planned.items() if k.startswith("router_")} == {
-        "router_data": 1, "router_train": 1, "router_consolidate": 1, "router_score": 2,
-        "router_calibrate": 1, "router_evaluate": 1}
+        "router_data": 1, "router_train": 1, "router_score": 2, "router_calibrate": 1, "router_evaluate": 1}
 
 
-def test_without_deepspeed_training_writes_the_model_and_nothing_is_consolidated(tmp_path):
+def test_with_zero3_the_checkpoint_is_consolidated_into_the_model(tmp_path):
     from conftest import run_snakemake, small_config, write_config
     from test_workflow_dry import jobs_planned
 
-    write_config(tmp_path, small_config(tmp_path, **{"router.train.deepspeed": None}))
-    planned = jobs_planned(run_snakemake(tmp_path, "-n", str(tmp_path / "results/router/demo/model")).stdout)
-    assert planned == {"router_data": 1, "router_train": 1, "reformat": 2, "build_tokenizer": 1, "build_model": 1}
+    write_config(tmp_path, small_config(tmp_path, **{"router.train.deepspeed": str(REPO / "config/router/zero3.json")}))
+    out = run_snakemake(tmp_path, "-n", str(tmp_path / "results/router/demo/model")).stdout
+    assert jobs_planned(out) == {"router_data": 1, "router_train": 1, "router_consolidate": 1, "reformat": 2,
+                                 "build_tokenizer": 1, "build_model": 1}
+    assert "results/router/demo/zero3" in out
 
 
 def test_config_errors_name_the_router_key(tmp_path):

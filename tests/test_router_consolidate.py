@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
 
 def train(root, base, splits, name: str, processes: int):
     out, ckpt = root / name / "zero3", root / name / "ckpt"
-    settings = {"epochs": 1, "batch_size": 4, "lr": 0.01, "max_length": 96, "save_steps": 100, "logging_steps": 1}
+    settings = {"epochs": 1, "batch_size": 4, "lr": 0.01, "max_length": 512, "save_steps": 100, "logging_steps": 1}
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     cmd = [*launcher, "-m", "modelmake", "router-train", "--train", str(splits["train"]),

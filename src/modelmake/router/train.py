@@ -196,7 +196,7 @@ def train_router(
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     label_ids = add_label_tokens(tokenizer, model)
     check_template(tokenizer, train_ds[0]["messages"])
-    check_lengths(tokenizer, train_ds["messages"] + eval_ds["messages"], s["max_length"])
+    check_lengths(tokenizer, list(train_ds["messages"]) + list(eval_ds["messages"]), s["max_length"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
