@@ -20,6 +20,7 @@ if config.get("distill"):
     include: "rules/distill.smk"
 
 
+include: "rules/router.smk"
 
 
 rule all:
@@ -28,4 +29,5 @@ rule all:
         pseudo_label_targets(),
         arena_targets(),
         distill_targets(),
+        router_targets(),
     default_target: True

@@ -237,3 +237,23 @@ def distill_targets():
     if not DI:
         return []
     return [distill_path("eval", "metrics.json"), distill_path("eval", "perplexity.png")]
+# --- used by rules/router.smk
+ROUTER = config.get("router")
+
+
+def router_path(*parts):
+    return results("router", ROUTER["run"], *parts)
+
+
+def router_launcher():
+    """How the training job starts: one process, or torchrun with router.train.processes of them."""
+    n = ROUTER["train"]["processes"]
+    return "python" if n == 1 else f"torchrun --standalone --nproc_per_node {n}"
+
+
+def router_targets():
+    """The router's evaluation (metrics, curve) and calibration; nothing when config has no router."""
+    if ROUTER is None:
+        return []
+    return [router_path("eval", "metrics.json"), router_path("eval", "curve.png"),
+            router_path("route", "calibration.json")]

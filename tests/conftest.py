@@ -21,17 +21,22 @@ def demo_config() -> dict:
     return yaml.safe_load((REPO / "config.yaml").read_text())
 
 
+def _absolute(node):
+    """Relative paths of files in the checkout (resources/..., config/...) made absolute."""
+    if isinstance(node, dict):
+        return {k: _absolute(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_absolute(v) for v in node]
+    if isinstance(node, str) and "/" in node and not Path(node).is_absolute() and (REPO / node).exists():
+        return str(REPO / node)
+    return node
+
+
 def small_config(workdir: Path, **overrides) -> dict:
     """The demo config with absolute resource paths, results under workdir, and overrides
     given as dotted keys: small_config(tmp, **{"serve.servers_per_partition": 1})."""
-    c = copy.deepcopy(demo_config())
-    for d in c["datasets"].values():
-        for split, files in d["splits"].items():
-            d["splits"][split] = [str(REPO / f) for f in files]
-    if "distill" in c:  # the distillation demo's web text
-        c["distill"]["web"]["files"] = {k: [str(REPO / f) for f in v] for k, v in c["distill"]["web"]["files"].items()}
+    c = _absolute(copy.deepcopy(demo_config()))
     c["results"] = str(workdir / "results")
-    _absolute_resources(c)
     for key, value in overrides.items():
         node = c
         *parents, last = key.split(".")
@@ -39,16 +44,6 @@ def small_config(workdir: Path, **overrides) -> dict:
             node = node[k]
         node[last] = value
     return c
-
-
-def _absolute_resources(node):
-    """Pipeline sections name files under resources/ relative to the checkout: make them absolute."""
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for k, v in items:
-        if isinstance(v, str) and v.startswith("resources/") and (REPO / v).exists():
-            node[k] = str(REPO / v)
-        else:
-            _absolute_resources(v)
 
 
 def write_config(workdir: Path, config: dict) -> Path:

@@ -30,6 +30,10 @@ def test_dry_run_of_the_demo_prints_every_step(tmp_path):
     expected.update({"distill_chat_data": 1, "distill_web_data": 1, "distill_init_student": 1, "distill_stage": 2,
                      "distill_eval": 1})  # rules/distill.smk
     assert jobs_planned(out) == expected
+    planned = jobs_planned(out)
+    pseudo_labels = {"reformat": 2, "build_tokenizer": 1, "shard": 2, "build_model": 1, "generate_shard": 4,
+                     "merge_pseudo_labels": 2, "all": 1}
+    assert {k: planned.get(k) for k in pseudo_labels} == pseudo_labels  # other pipelines add their own jobs
 
 
 def test_dag_renders_with_every_rule_connected(tmp_path):

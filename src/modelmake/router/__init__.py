@@ -1,0 +1,13 @@
+"""The router pipeline (seed 002): an LLM that predicts the [[1]]..[[5]] score a weak model earns.
+
+Modules, one concept each:
+
+* ``tokens``: the five label tokens, the router's conversation format, adding tokens to a model;
+* ``data``: scored prompts jsonl -> validated, seeded subsample -> train / calib / test parquet;
+* ``train``: TRL SFT (assistant-only loss, EOS) under DeepSpeed ZeRO-3 or plain, resumable;
+* ``consolidate``: a ZeRO-3 checkpoint -> one HF safetensors model folder (``zero_to_fp32``);
+* ``score``: label-token logits at the answer position -> P([[k]]), expected score, P(weak ok);
+* ``route``: a threshold calibrated as a quantile for a target strong-call share; ``Router``;
+* ``evaluate``: threshold sweep, cost/quality curve vs random, APGR, CPT(x%) (RouteLLM);
+* ``cli``: the ``router-*`` subcommands of ``python -m modelmake``.
+"""

@@ -1,0 +1,287 @@
+"""Train the router: TRL SFT of a causal LM on the scored conversations.
+
+Fixes against the seed's script:
+
+* ``[[1]]``..``[[5]]`` are added as special tokens and the embeddings resized (seed: kept);
+* the chat template renders the conversation (seed: ``ROLE:\\n`` text with no EOS, so the trained
+  model never learned to stop and generation ran to ``max_new_tokens``); every example ends with
+  the tokenizer's EOS after ``[[k]]``, checked before training;
+* the loss is on the assistant answer only (``[[k]]`` + EOS), from the template's
+  ``{% generation %}`` mask (seed: the whole text, instruction included, padded to 2048);
+* resumable: the Trainer's checkpoints go to ``ckpt_dir`` (kept when the job fails) and a rerun
+  resumes from the last complete one.
+
+DeepSpeed ZeRO-3 runs from a JSON config (``config/router/zero3.json`` on CPU,
+``zero3_offload.json`` with CPU offload on GPUs). DeepSpeed needs a process group even for one
+process: ``ensure_process_group_env`` sets the env of a single-process world (gloo on CPU) when no
+launcher did. The output is the final ZeRO-3 checkpoint (``global_stepN/`` shards, ``latest``)
+plus the model config, tokenizer and ``router.json``: ``consolidate`` turns it into one model
+folder. Without DeepSpeed the output is already a model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from modelmake.errors import UserError
+from modelmake.files import write_json
+from modelmake.router.tokens import LABEL_TOKENS, ROUTER_JSON, add_label_tokens
+
+log = logging.getLogger(__name__)
+
+DIGEST = "weights_digest.json"  # in a ZeRO-3 output: hashes of the gathered trained weights
+
+DEFAULTS = {
+    "epochs": 3,
+    "lr": 1e-3,
+    "batch_size": 16,
+    "grad_accum": 1,
+    "max_length": 256,
+    "warmup_ratio": 0.05,
+    "weight_decay": 0.0,
+    "save_steps": 50,
+    "logging_steps": 5,
+    "bf16": False,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group_env() -> None:
+    """A one-process world for torch.distributed when no launcher (deepspeed, torchrun) set one."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+
+
+def check_template(tokenizer: Any, conversation: list[dict]) -> None:
+    """The chat template must mark the answer for the loss mask and end it with EOS."""
+    out = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    answer = [i for i, m in zip(ids, mask) if m]
+    label_ids = tokenizer.convert_tokens_to_ids(LABEL_TOKENS)
+    if not answer:
+        raise UserError(
+            "the base model's chat template marks no assistant tokens: wrap assistant content in "
+            "{% generation %} ... {% endgeneration %} so the loss covers the answer only"
+        )
+    if answer[0] not in label_ids or answer[-1] != tokenizer.eos_token_id or len(answer) != 2:
+        raise UserError(
+            f"the chat template renders the answer as {tokenizer.convert_ids_to_tokens(answer)}; expected one "
+            f"label token then EOS ({tokenizer.eos_token!r}), so the router learns to stop after [[k]]"
+        )
+
+
+def same_run_checkpoints(ckpt_dir: Path, recipe: dict) -> None:
+    """Keep ``ckpt_dir`` only for the same recipe (settings, DeepSpeed config, input hashes): a rerun
+    after a kill resumes, a rerun after a config or data change starts afresh."""
+    import hashlib
+
+    from modelmake.files import read_json, sha256_tree
+
+    ident = {
+        **{k: v for k, v in recipe.items() if k not in ("inputs", "deepspeed")},
+        "deepspeed": None if recipe["deepspeed"] is None else Path(recipe["deepspeed"]).read_text(),
+        "inputs": [sha256_tree(p) for p in recipe["inputs"]],
+    }
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    stamp = ckpt_dir / "recipe.json"
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 decides; the others wait for its stamp
+        deadline = time.time() + 120
+        while not (stamp.is_file() and read_json(stamp).get("sha256") == digest):
+            if time.time() > deadline:
+                raise RuntimeError(f"rank 0 did not stamp {stamp}")
+            time.sleep(0.2)
+        return
+    if ckpt_dir.exists() and (not stamp.is_file() or read_json(stamp).get("sha256") != digest):
+        log.info("%s holds checkpoints of another recipe: starting afresh", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
+    if not stamp.is_file():
+        write_json(stamp, {"sha256": digest})
+
+
+def check_lengths(tokenizer: Any, conversations: list[list[dict]], max_length: int) -> None:
+    """Truncation would cut the answer off (TRL keeps the start): refuse examples longer than max_length."""
+    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
+               for c in conversations]
+    over = [n for n in lengths if n > max_length]
+    if over:
+        raise UserError(
+            f"router.train.max_length: {len(over)} of {len(lengths)} examples are longer than {max_length} tokens "
+            f"(longest {max(over)}); truncation would cut off the [[k]] answer. Raise max_length or shorten the prompts"
+        )
+
+
+def train_router(
+    train_parquet: str | Path,
+    eval_parquet: str | Path,
+    base_model: str | Path,
+    out: str | Path,
+    ckpt_dir: str | Path,
+    *,
+    settings: dict,
+    deepspeed: str | Path | None,
+    seed: int,
+    config: dict,
+) -> dict:
+    """SFT the base model into a router; write ``out`` (a ZeRO-3 checkpoint folder with DeepSpeed,
+    else a model folder), a loss curve and provenance; return the final metrics."""
+    import pandas as pd
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from modelmake.training import (
+        plot_loss_curves, resume_checkpoint, save_model_folder, seed_everything,
+    )
+
+    started = time.time()
+    s = {**DEFAULTS, **settings}
+    if deepspeed is not None:
+        ensure_process_group_env()
+    seed_everything(seed)
+    train_df = pd.read_parquet(train_parquet, columns=["messages", "system"])
+    eval_df = pd.read_parquet(eval_parquet, columns=["messages"])
+    system = train_df["system"].iloc[0]
+    to_list = lambda df: [[dict(m) for m in msgs] for msgs in df["messages"]]  # noqa: E731
+    train_ds = Dataset.from_dict({"messages": to_list(train_df)})
+    eval_ds = Dataset.from_dict({"messages": to_list(eval_df)})
+
+    ckpt_dir = Path(ckpt_dir)
+    same_run_checkpoints(ckpt_dir, {"settings": s, "seed": seed, "deepspeed": deepspeed, "config": config,
+                                    "inputs": [train_parquet, eval_parquet, base_model]})
+    args = SFTConfig(  # built before the model: with ZeRO-3 it makes from_pretrained shard the weights
+        output_dir=str(ckpt_dir),
+        num_train_epochs=s["epochs"],
+        learning_rate=s["lr"],
+        per_device_train_batch_size=s["batch_size"],
+        per_device_eval_batch_size=s["batch_size"],
+        gradient_accumulation_steps=s["grad_accum"],
+        warmup_steps=s["warmup_ratio"],  # below 1: a share of the steps
+        weight_decay=s["weight_decay"],
+        lr_scheduler_type="cosine",
+        max_length=s["max_length"],
+        assistant_only_loss=True,
+        packing=False,
+        bf16=s["bf16"],
+        logging_steps=s["logging_steps"],
+        eval_strategy="epoch",
+        save_strategy="steps",
+        save_steps=s["save_steps"],
+        save_total_limit=2,
+        save_only_model=False,
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        deepspeed=str(deepspeed) if deepspeed is not None else None,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    label_ids = add_label_tokens(tokenizer, model)
+    check_template(tokenizer, train_ds[0]["messages"])
+    check_lengths(tokenizer, list(train_ds["messages"]) + list(eval_ds["messages"]), s["max_length"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer)
+    resume = resume_checkpoint(ckpt_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
+    history = trainer.state.log_history
+    metrics = {
+        "train_loss": result.training_loss,
+        "eval_loss": next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r), None),
+        "steps": trainer.state.global_step,
+        "resumed_from": resume,
+    }
+    router_json = {"system": system, "label_tokens": LABEL_TOKENS, "label_token_ids": label_ids}
+    counts = {"train": len(train_ds), "eval": len(eval_ds), **metrics}
+    inputs = [train_parquet, eval_parquet, base_model]
+    out = Path(out)
+    if deepspeed is None:
+        save_model_folder(out, trainer.model, tokenizer, config=config, inputs=inputs, counts=counts,
+                          started=started, extra={ROUTER_JSON: router_json, "metrics.json": metrics})
+        plot_loss_curves(history, out / "loss.png", title="router SFT")
+    else:
+        save_zero_checkpoint(trainer, tokenizer, out, router_json=router_json, metrics=metrics, history=history,
+                             config=config, inputs=inputs, counts=counts, started=started)
+    write_json(ckpt_dir / "log_history.json", history)
+    log.info("router trained: %s", json.dumps(metrics))
+    return metrics
+
+
+def tensor_sha256(t: Any) -> str:
+    """SHA-256 of a tensor's bytes (its own dtype, row-major)."""
+    import hashlib
+
+    import torch
+
+    return hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def weights_digest(model: Any) -> dict:
+    """{name: {dtype, shape, sha256}} of the full trained weights, gathered from the ZeRO-3 shards:
+    the reference ``consolidate`` checks its output against."""
+    import deepspeed
+
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        return {
+            name: {"dtype": str(p.dtype).removeprefix("torch."), "shape": list(p.shape), "sha256": tensor_sha256(p)}
+            for name, p in params.items()
+        }
+
+
+def save_zero_checkpoint(trainer: Any, tokenizer: Any, out: Path, *, router_json: dict, metrics: dict,
+                         history: list, config: dict, inputs: list, counts: dict, started: float) -> None:
+    """The engine's ZeRO-3 checkpoint of the final weights, with what a model folder needs beside the
+    weights (config, tokenizer, router.json), written under ``<out>.tmp`` then renamed (rank 0)."""
+    import torch.distributed as dist
+
+    from modelmake.files import write_provenance
+    from modelmake.training import plot_loss_curves
+
+    tmp = out.with_name(out.name + ".tmp")
+    rank0 = trainer.args.process_index == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    # every rank writes its own partition of parameters and optimizer state
+    trainer.model_wrapped.save_checkpoint(str(tmp), tag=f"global_step{trainer.state.global_step}",
+                                          save_latest=True)
+    digest = weights_digest(trainer.model)  # collective: every rank gathers the full weights
+    if dist.is_initialized():
+        dist.barrier()
+    if not rank0:
+        return
+    write_json(tmp / DIGEST, digest)
+    trainer.model.config.save_pretrained(tmp)
+    if getattr(trainer.model, "generation_config", None) is not None:
+        trainer.model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / ROUTER_JSON, router_json)
+    write_json(tmp / "metrics.json", metrics)
+    plot_loss_curves(history, tmp / "loss.png", title="router SFT (ZeRO-3)")
+    write_provenance(tmp, config=config, inputs=inputs, counts=counts, started=started)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

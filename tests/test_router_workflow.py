@@ -1,0 +1,120 @@
+"""The router pipeline through real Snakemake on a small config: data -> ZeRO-3 training (killed
+once, then resumed) -> consolidation -> scores -> calibration -> evaluation, then reruns.
+
+The base model is a tiny random Llama given by path (so no demo asset is built); the data are the
+first 240 demo prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, Started, env, run_snakemake, small_config, wait_until, write_config
+from test_router import DEMO, make_tiny_base
+from test_workflow_dry import jobs_planned
+
+pytestmark = pytest.mark.slow
+
+TARGETS = ["results/router/t/eval/metrics.json", "results/router/t/eval/curve.png",
+           "results/router/t/route/calibration.json"]
+
+
+def router_config(workdir, base, **overrides):
+    raw = workdir / "raw" / "scored.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:240]))
+    cfg = small_config(workdir)
+    cfg["models"]["router_base"] = {"path": str(base)}
+    r = cfg["router"]
+    r.update(run="t", data=[str(raw)], n_sample=200)
+    r["train"].update(deepspeed=str(REPO / "config/router/zero3.json"), epochs=2, batch_size=8, lr=0.01,
+                      max_length=512, save_steps=2, logging_steps=1)
+    for k, v in overrides.items():
+        node = cfg
+        *parents, last = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One workflow folder: the training job killed after its first checkpoint, then the rerun."""
+    workdir = tmp_path_factory.mktemp("router_wf")
+    base = make_tiny_base(workdir / "base", hidden=32)
+    write_config(workdir, router_config(workdir, base))
+    ckpt = workdir / "results/router/t/ckpt"
+    run = Started(workdir, *TARGETS)
+    try:
+        wait_until(lambda: any(ckpt.glob("checkpoint-*/trainer_state.json")) or run.proc.poll() is not None,
+                   timeout=300, what="the first training checkpoint")
+    finally:
+        run.close()
+    killed_at = sorted(int(p.parent.name.split("-")[1]) for p in ckpt.glob("checkpoint-*/trainer_state.json"))
+    assert not (workdir / "results/router/t/zero3").exists(), "training finished before it could be killed"
+    out = run_snakemake(workdir, *TARGETS).stdout
+    return workdir, killed_at, out
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(built):
+    workdir, killed_at, _ = built
+    assert killed_at, "no checkpoint was written before the kill"
+    log = (workdir / "results/logs/router/t/train.log").read_text()
+    assert f"resuming from {workdir / 'results/router/t/ckpt'}/checkpoint-" in log
+    metrics = json.loads((workdir / "results/router/t/zero3/metrics.json").read_text())
+    assert metrics["resumed_from"] and int(metrics["resumed_from"].rsplit("-", 1)[1]) >= killed_at[0]
+    assert metrics["steps"] == 2 * 15  # 120 train records / 8 per step x 2 epochs: nothing lost or repeated
+
+
+def test_the_demo_outputs_metrics_curve_and_a_loadable_consolidated_model(built):
+    from transformers import AutoModelForCausalLM
+
+    from modelmake.files import read_json
+
+    workdir, _, _ = built
+    res = workdir / "results/router/t"
+    m = read_json(res / "eval/metrics.json")
+    for method in ("router", "random", "optimal"):
+        assert {"APGR", "CPT(50%)", "CPT(80%)", "curve"} <= set(m["methods"][method])
+    assert m["methods"]["random"]["APGR"] == pytest.approx(0.5)
+    assert m["prompts"] == 50 and [r["strong_share"] for r in m["calibrated"]] == [0.2, 0.5, 0.8]
+    assert (res / "eval/curve.png").read_bytes().startswith(b"\x89PNG")
+    cal = read_json(res / "route/calibration.json")
+    assert [r["reference_strong_share"] for r in cal["thresholds"]] == pytest.approx([0.2, 0.5, 0.8], abs=0.05)
+    assert read_json(res / "model/provenance.json")["counts"]["verified_against_digest"] is True
+    assert (res / "model/manifest.json").is_file() and (res / "model/router.json").is_file()
+    AutoModelForCausalLM.from_pretrained(res / "model")
+
+
+def test_route_cli_sends_each_prompt_to_strong_or_weak(built):
+    workdir, _, _ = built
+    res = workdir / "results/router/t"
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("Hi there!\nProve that there are infinitely many primes.\nWhat is the capital of Peru?\n")
+    e = env()
+    e["PYTHONPATH"] = str(REPO / "src")
+    proc = subprocess.run([sys.executable, "-m", "modelmake", "router-route", "--model", str(res / "model"),
+                           "--calibration", str(res / "route/calibration.json"), "--strong-share", "0.5",
+                           "--prompts", str(prompts)], env=e, text=True, capture_output=True, check=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts.read_text().splitlines()
+    assert all(r["route"] in ("strong", "weak") and 0 <= r["p_weak_ok"] <= 1 for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "modelmake", "router-route", "--model", str(res / "model"),
+                          "--calibration", str(res / "route/calibration.json"), "--prompts", str(prompts)],
+                         env=e, text=True, capture_output=True)
+    assert bad.returncode == 2 and "pick one (--strong-share)" in bad.stderr
+
+
+def test_second_run_has_nothing_to_do_and_new_shares_redo_only_calibration(built):
+    workdir, _, _ = built
+    assert "Nothing to be done" in run_snakemake(workdir, "-n", *TARGETS).stdout
+    cfg = json.loads(json.dumps(__import__("yaml").safe_load((workdir / "config.yaml").read_text())))
+    cfg["router"]["route"]["strong_shares"] = [0.3]
+    write_config(workdir, cfg)
+    planned = jobs_planned(run_snakemake(workdir, "-n", *TARGETS).stdout)
+    assert planned == {"router_calibrate": 1, "router_evaluate": 1}
