@@ -14,10 +14,12 @@ include: "rules/common.smk"
 include: "rules/assets.smk"
 include: "rules/data.smk"
 include: "rules/pseudo_labels.smk"
+include: "rules/selfplay.smk"
 
 
 rule all:
     """Everything the config asks for."""
     input:
         pseudo_label_targets(),
+        sp_targets(),
     default_target: True
