@@ -185,6 +185,25 @@ def sp_split(part):
     return SP["train_split"] if part == "train" else SP["test_split"]
 
 
+def sp_generation_settings(w):
+    t = int(w.it)
+    return as_json({
+        "teacher_source": sp_start_source(t),
+        "sampling": sp_settings(t)["sampling"],
+        "max_conversation_tokens": SP["max_conversation_tokens"],
+        "concurrency": SP["concurrency"],
+        "retries": SP["retries"],
+        "max_failure_share": SP["max_failure_share"],
+    })
+
+
+def sp_generated(w):
+    """Every generated fraction of a split (the count is known once the fractions are written)."""
+    folder = checkpoints.selfplay_fractions.get(sppart=w.sppart).output[0]
+    n = json.loads((Path(folder) / "layout.json").read_text())["fractions"]
+    return [sp_path(f"iter{w.it}", "generated", w.sppart, f"frac{k}.jsonl") for k in range(n)]
+
+
 def sp_targets():
     """Every iteration's model and metrics, and the plot across iterations."""
     if not SP["iterations"]:

@@ -41,18 +41,6 @@ checkpoint selfplay_fractions:
         "python -m modelmake selfplay-fractions {input:q} --out {output:q} --frac-len {params.frac_len} > {log:q} 2>&1"
 
 
-def sp_generation_settings(w):
-    t = int(w.it)
-    return as_json({
-        "teacher_source": sp_start_source(t),
-        "sampling": sp_settings(t)["sampling"],
-        "max_conversation_tokens": SP["max_conversation_tokens"],
-        "concurrency": SP["concurrency"],
-        "retries": SP["retries"],
-        "max_failure_share": SP["max_failure_share"],
-    })
-
-
 rule selfplay_generate:
     """Answer one fraction's prompts with iteration it's starting model, served by its own pool.
 
@@ -84,13 +72,6 @@ rule selfplay_generate:
         "--settings {params.settings:q} --pool-spec {params.pool_spec:q} "
         "--pool-folder {params.pool_dir:q} --pool-logs {params.pool_logs:q} "
         "--ready-timeout {params.ready_timeout} --idle-timeout {params.idle_timeout} > {log:q} 2>&1"
-
-
-def sp_generated(w):
-    """Every generated fraction of a split (the count is known once the fractions are written)."""
-    folder = checkpoints.selfplay_fractions.get(sppart=w.sppart).output[0]
-    n = json.loads((Path(folder) / "layout.json").read_text())["fractions"]
-    return [sp_path(f"iter{w.it}", "generated", w.sppart, f"frac{k}.jsonl") for k in range(n)]
 
 
 rule selfplay_convert:

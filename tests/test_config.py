@@ -32,7 +32,7 @@ def problems(config: dict) -> str:
 def test_demo_config_is_valid(config):
     out = validate(config)
     assert out["serve"]["max_model_len"] == 512
-    assert out["models"] == {"teacher": {"asset": "tiny-llama"}}
+    assert out["models"]["teacher"] == {"asset": "tiny-llama"}
 
 
 def test_dataset_paths_are_checked_relative_to_the_working_directory(config, tmp_path, monkeypatch):
