@@ -15,20 +15,28 @@ generated ones::
         R_P+ = mean_{i in P} l+(r_i)               positive risk on real answers
         R_P- = mean_{i in P} l-(r_i)               negative risk on real answers
         R_U- = mean_{j in U} l-(r_j)               negative risk on generated answers
-        N    = R_U- - pi * R_P-                    negative risk of the bad generated answers
-                                                   (the good ones, a pi share, look like real ones)
-    loss (w+ = desirable_weight, w- = undesirable_weight, gamma = the corrective step size):
-        N >= 0:  L = w+ * R_P+ + w- * N            (the unbiased PU risk)
-        N <  0:  L = -gamma * w- * N               (corrective step: N cannot be negative, so the
-                                                    model has overfitted the generated answers;
-                                                    step back up on N alone, as in Kiryo et al.
-                                                    2017, Algorithm 1 with threshold 0)
+        N    = R_U- - pi * R_P-                    (1 - pi) x the negative risk of the bad
+                                                   generated answers (the good ones, a pi share,
+                                                   are distributed like the real ones)
+    loss (Kiryo et al. 2017, nnPU, Algorithm 1 with threshold 0; w+ = desirable_weight and
+    w- = undesirable_weight, both 1 by default; gamma = the corrective step size):
+        N >= 0:  L = w+ * pi * R_P+ + w- * N       (the unbiased PU risk
+                                                    pi R_P+ + R_U- - pi R_P-)
+        N <  0:  L = -gamma * w- * N               (corrective step: N estimates a risk, which
+                                                    cannot be negative, so the model has
+                                                    overfitted the generated answers;
+                                                    descend on -gamma N: step back up on N alone,
+                                                    the positive risk is not trained this step)
+    the reported (non-negative) risk estimate:
+        R = w+ * pi * R_P+ + w- * max(0, N)
 
-Both l- use the one anchor z_U so that the PU identity behind N holds for one loss function.
-Kiryo et al. weight R_P+ by pi because there the positives are a pi share of the data; here the
-real answers are their own labelled set and enter with the KTO desirable weight (set
-``desirable_weight = prior`` for the paper's exact form). A batch without generated answers has no
-N (L = w+ R_P+); a batch without real answers has R_P+ = R_P- = 0 and z_P = 0.
+With the default weights this is the standard nnPU risk R = pi R_P+ + max(0, R_U- - pi R_P-) and
+its corrective gradient -gamma (R_U- - pi R_P-), with KTO's value functions as the losses l+ and l-.
+The positive risk is weighted by pi because the real answers stand for the good share (pi) of the
+generated answers: the PU risk is pi R_P+ + (1 - pi) R_N-, and N replaces (1 - pi) R_N-. Both negative risks use the one loss l-, i.e. the one anchor z_U: the PU
+identity behind N (R_U- = pi R_P- + (1 - pi) R_N-, the negative risk of the bad answers R_N-) holds
+only when R_P- and R_U- average the same loss function. A batch without generated answers has no N
+(L = w+ pi R_P+); a batch without real answers has R_P+ = R_P- = 0 and z_P = 0.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from dataclasses import dataclass
 @dataclass
 class NnPUKTOOutput:
     loss: "object"  # a 0-dim torch tensor with the gradient
-    risk: float  # w+ R_P+ + w- max(0, N): the estimate the corrective step protects
+    risk: float  # w+ pi R_P+ + w- max(0, N): the estimate the corrective step protects
     positive_risk: float  # R_P+
     negative_risk_real: float  # R_P-
     negative_risk_generated: float  # R_U-
@@ -82,13 +90,14 @@ def nnpu_kto_loss(policy_logps, ref_logps, labels, *, beta: float, prior: float,
         r_u_neg = zero
         n = None
     if n is None:
-        loss, corrective, n_value = desirable_weight * r_p_pos, False, float("nan")
+        loss, corrective, n_value = desirable_weight * prior * r_p_pos, False, float("nan")
         risk = loss.item()
     else:
         n_value = n.item()
         corrective = n_value < 0
-        loss = -gamma * undesirable_weight * n if corrective else desirable_weight * r_p_pos + undesirable_weight * n
-        risk = desirable_weight * r_p_pos.item() + undesirable_weight * max(0.0, n_value)
+        positive = desirable_weight * prior * r_p_pos
+        loss = -gamma * undesirable_weight * n if corrective else positive + undesirable_weight * n
+        risk = positive.item() + undesirable_weight * max(0.0, n_value)
     nan = float("nan")
     return NnPUKTOOutput(
         loss=loss, risk=risk, positive_risk=r_p_pos.item(), negative_risk_real=r_p_neg.item(),
