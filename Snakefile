@@ -21,6 +21,7 @@ if config.get("distill"):
 
 
 include: "rules/router.smk"
+include: "rules/selfplay.smk"
 
 
 rule all:
@@ -30,4 +31,5 @@ rule all:
         arena_targets(),
         distill_targets(),
         router_targets(),
+        sp_targets(),
     default_target: True

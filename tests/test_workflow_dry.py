@@ -26,6 +26,10 @@ def test_dry_run_of_the_demo_prints_every_step(tmp_path):
     out = run_snakemake(tmp_path, "-n").stdout
     expected = {
         "reformat": 2, "build_tokenizer": 1, "shard": 2, "build_model": 1, "generate_shard": 4, "merge_pseudo_labels": 2, "all": 1,
+        # selfplay: 2 more reformat jobs (its dataset's train and test); generation jobs appear once the
+        # fractions checkpoint has run
+        **{"reformat": 4, "selfplay_prompts": 2, "selfplay_fractions": 2, "selfplay_convert": 4,
+           "selfplay_train": 2, "selfplay_eval": 2, "selfplay_plot": 1},
     }
     expected.update({"distill_chat_data": 1, "distill_web_data": 1, "distill_init_student": 1, "distill_stage": 2,
                      "distill_eval": 1})  # rules/distill.smk

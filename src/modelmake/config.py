@@ -158,4 +158,26 @@ def _distill_checks(c: dict) -> list[str]:
             out.append(f"router.base: {r['base']!r} is not a key of models")
         if r["split"]["calib"] + r["split"]["test"] >= 1:
             out.append("router.split: calib + test must leave records to train on (sum below 1)")
+    out += _selfplay_checks(c)
+    return out
+
+
+def _selfplay_checks(c: dict) -> list[str]:
+    sp = c.get("selfplay")
+    if not sp:
+        return []
+    out = []
+    if sp["sft_model"] not in c["models"]:
+        out.append(f"selfplay.sft_model: {sp['sft_model']!r} is not a key of models")
+    if sp["dataset"] not in c["datasets"]:
+        out.append(f"selfplay.dataset: {sp['dataset']!r} is not a key of datasets")
+    else:
+        for key in ("train_split", "test_split"):
+            if sp[key] not in c["datasets"][sp["dataset"]]["splits"]:
+                out.append(f"selfplay.{key}: {sp[key]!r} is not a split of datasets.{sp['dataset']}")
+    if len(sp["per_iteration"]) > sp["iterations"]:
+        out.append(f"selfplay.per_iteration: {len(sp['per_iteration'])} entries for {sp['iterations']} iterations")
+    if sp["max_conversation_tokens"] > c["serve"]["max_model_len"]:
+        out.append(f"selfplay.max_conversation_tokens: {sp['max_conversation_tokens']} exceeds "
+                   f"serve.max_model_len={c['serve']['max_model_len']}")
     return out

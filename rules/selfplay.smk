@@ -1,0 +1,162 @@
+# Self-play (seed 004): single-turn prompts -> per-iteration generation in fractions (the foundation's
+# leased vLLM pool and resumable client) -> KTO pairs -> KTO with an nnPU prior -> held-out metrics.
+# Iteration t generates with, starts from and is regularised towards iteration t-1's model.
+
+
+wildcard_constraints:
+    it=r"\d+",
+    sppart=r"train|test",
+    frac=r"\d+",
+
+
+rule selfplay_prompts:
+    """Single-turn {id, prompt, real} parquet: each conversation's first user turn and gold answer."""
+    input:
+        lambda w: data_path(SP["dataset"], "reformatted", f"{sp_split(w.sppart)}.parquet"),
+    output:
+        sp_path("data", "{sppart}.parquet"),
+    params:
+        config=lambda w: as_json({"dataset": SP["dataset"], "split": sp_split(w.sppart)}),
+    log:
+        log_path("selfplay", "prompts_{sppart}.log"),
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python -m modelmake selfplay-prompts {input:q} --out {output:q} --config {params.config:q} > {log:q} 2>&1"
+
+
+checkpoint selfplay_fractions:
+    """Split the prompts into fractions of frac_len (each fraction one generation target)."""
+    input:
+        sp_path("data", "{sppart}.parquet"),
+    output:
+        directory(sp_path("data", "{sppart}_fractions")),
+    params:
+        frac_len=SP.get("frac_len", 0),
+    log:
+        log_path("selfplay", "fractions_{sppart}.log"),
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python -m modelmake selfplay-fractions {input:q} --out {output:q} --frac-len {params.frac_len} > {log:q} 2>&1"
+
+
+rule selfplay_generate:
+    """Answer one fraction's prompts with iteration it's starting model, served by its own pool.
+
+    The foundation's `modelmake generate`: it leases the pool (world_size vLLM servers behind
+    Traefik, started by the first fraction job, shared by the others, stopped after the last), the
+    server applies the model's own chat template, and finished answers are journaled so that a
+    rerun of a killed fraction regenerates only what is missing and duplicates nothing.
+    """
+    input:
+        fractions=sp_path("data", "{sppart}_fractions"),
+        model=lambda w: sp_start_inputs(int(w.it)),
+    output:
+        sp_path("iter{it}", "generated", "{sppart}", "frac{frac}.jsonl"),
+    params:
+        settings=sp_generation_settings,
+        pool_spec=lambda w: pool_spec(sp_pool(int(w.it)), model=sp_start_model(int(w.it)), servers=SP["world_size"]),
+        pool_dir=lambda w: results("serve", sp_pool(int(w.it)), "part0"),
+        pool_logs=lambda w: log_path("serve", sp_pool(int(w.it)), "part0"),
+        ready_timeout=config["serve"]["ready_timeout_s"],
+        idle_timeout=config["serve"]["idle_timeout_s"],
+    log:
+        log_path("selfplay", "iter{it}", "generate_{sppart}_frac{frac}.log"),
+    resources:
+        runtime=24 * 60,
+    conda:
+        "../envs/serve.yaml"
+    shell:
+        "python -m modelmake generate {input.fractions:q}/frac{wildcards.frac}.jsonl --out {output:q} "
+        "--settings {params.settings:q} --pool-spec {params.pool_spec:q} "
+        "--pool-folder {params.pool_dir:q} --pool-logs {params.pool_logs:q} "
+        "--ready-timeout {params.ready_timeout} --idle-timeout {params.idle_timeout} > {log:q} 2>&1"
+
+
+rule selfplay_convert:
+    """KTO pairs of one split: real answers (labelled good) beside generated ones (unlabelled), by id."""
+    input:
+        prompts=sp_path("data", "{sppart}.parquet"),
+        fractions=sp_generated,
+    output:
+        sp_path("iter{it}", "{sppart}.parquet"),
+    params:
+        seed=config["seed"],
+        config=lambda w: as_json({"iteration": int(w.it), "generator": sp_start_source(int(w.it))}),
+    log:
+        log_path("selfplay", "iter{it}", "convert_{sppart}.log"),
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python -m modelmake selfplay-convert {input.fractions:q} --prompts {input.prompts:q} --out {output:q} "
+        "--seed {params.seed} --config {params.config:q} > {log:q} 2>&1"
+
+
+rule selfplay_train:
+    """KTO with the nnPU prior from iteration it's starting model (also the reference)."""
+    input:
+        data=sp_path("iter{it}", "train.parquet"),
+        start=lambda w: sp_start_inputs(int(w.it)),
+    output:
+        model=directory(sp_path("iter{it}", "model")),
+        loss=report(sp_path("iter{it}", "loss.png"), caption="../report/selfplay_loss.rst", category="Self-play"),
+    params:
+        start=lambda w: sp_start_model(int(w.it)),
+        settings=lambda w: as_json(sp_settings(int(w.it))["train"]),
+        config=lambda w: as_json({"selfplay": sp_recipe(int(w.it))}),
+        ckpt=lambda w: sp_path(f"iter{w.it}", "ckpt"),
+        seed=config["seed"],
+    log:
+        log_path("selfplay", "iter{it}", "train.log"),
+    benchmark:
+        bench_path("selfplay", "iter{it}", "train.tsv")
+    threads: 2
+    resources:
+        gpu=SP.get("train_gpus", 0),
+        mem_mb=4000,
+        runtime=24 * 60,
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m modelmake selfplay-train {input.data:q} --start {params.start:q} "
+        "--out {output.model:q} --ckpt {params.ckpt:q} --settings {params.settings:q} --seed {params.seed} "
+        "--loss-plot {output.loss:q} --config {params.config:q} > {log:q} 2>&1"
+
+
+rule selfplay_eval:
+    """Held-out reward margin, win-rate proxy and log-likelihood gap of iteration it."""
+    input:
+        test=sp_path("iter{it}", "test.parquet"),
+        model=sp_path("iter{it}", "model"),
+        start=lambda w: sp_start_inputs(int(w.it)),
+    output:
+        sp_path("iter{it}", "eval.json"),
+    params:
+        start=lambda w: sp_start_model(int(w.it)),
+        beta=lambda w: sp_settings(int(w.it))["train"]["beta"],
+        max_length=lambda w: sp_settings(int(w.it))["train"].get("max_length", 256),
+    log:
+        log_path("selfplay", "iter{it}", "eval.log"),
+    threads: 2
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m modelmake selfplay-eval {input.test:q} --model {input.model:q} "
+        "--start {params.start:q} --out {output:q} --beta {params.beta} --max-length {params.max_length} "
+        "--iteration {wildcards.it} > {log:q} 2>&1"
+
+
+rule selfplay_plot:
+    """The per-iteration metrics in one table and one plot, for the report."""
+    input:
+        [sp_path(f"iter{t}", "eval.json") for t in range(SP["iterations"])],
+    output:
+        plot=report(sp_path("metrics.png"), caption="../report/selfplay_metrics.rst", category="Self-play"),
+        table=report(sp_path("metrics.json"), caption="../report/selfplay_metrics.rst", category="Self-play"),
+    log:
+        log_path("selfplay", "plot.log"),
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python -m modelmake selfplay-plot {input:q} --plot {output.plot:q} --table {output.table:q} > {log:q} 2>&1"

