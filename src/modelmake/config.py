@@ -134,7 +134,7 @@ def _cross_checks(c: dict) -> list[str]:
         from modelmake.arena.checks import cross_checks
 
         out += cross_checks(c)
-    out += _distill_checks(c)
+    out += _distill_checks(c) + _router_checks(c) + _selfplay_checks(c)
     return out
 
 
@@ -152,13 +152,17 @@ def _distill_checks(c: dict) -> list[str]:
             out.append(f"distill.chat.split: {d['chat']['split']!r} is not a split of datasets.{name}")
     if not d["chat"]["datasets"] and not d["chat"].get("pseudo_labels"):
         out.append("distill.chat: name at least one dataset or set pseudo_labels: true")
+    return out
+
+
+def _router_checks(c: dict) -> list[str]:
+    out = []
     r = c.get("router")
     if r is not None:
         if r["base"] not in c["models"]:
             out.append(f"router.base: {r['base']!r} is not a key of models")
         if r["split"]["calib"] + r["split"]["test"] >= 1:
             out.append("router.split: calib + test must leave records to train on (sum below 1)")
-    out += _selfplay_checks(c)
     return out
 
 
