@@ -74,6 +74,7 @@ rule arena_generate:
     log:
         log_path("arena", "generate", "{generator}.log"),
     resources:
+        gpu=pool_gpus(AR["response_pairs"]["servers"]),
         runtime=60,
     conda:
         "../envs/serve.yaml"

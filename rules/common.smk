@@ -110,14 +110,14 @@ def pool_spec(role, model=None, servers=None):
     })
 
 
-def pool_gpus():
+def pool_gpus(servers=None):
     """GPUs a pool's consumer job asks for: the whole pool (one per server) on GPU nodes, else 0.
 
     Under the slurm profile the consumers of one partition form one group job (one allocation);
     the profile's local-scoped `gpu` limit keeps the group's request to one pool's GPUs.
     """
     s = config["serve"]
-    return s["servers_per_partition"] if s["gpu"] else 0
+    return (servers or s["servers_per_partition"]) if s["gpu"] else 0
 
 
 PL = config["pseudo_labels"]
