@@ -190,6 +190,7 @@ def train_router(
         dataloader_num_workers=0,
         deepspeed=str(deepspeed) if deepspeed is not None else None,
         use_cpu=not torch.cuda.is_available(),
+        ddp_backend=None if torch.cuda.is_available() else "gloo",  # several CPU processes talk over gloo
         disable_tqdm=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(base_model)
