@@ -43,7 +43,7 @@ if ROUTER is not None:
             base=lambda w, input: input.base[0] if input.base else model_dir(ROUTER["base"]),
             ckpt=router_path("ckpt"),  # not declared: Trainer checkpoints survive a failed job
             settings=as_json({k: v for k, v in ROUTER["train"].items() if k not in ("deepspeed", "processes", "gpu")}),
-            deepspeed=lambda w, input: input.deepspeed[0] if input.deepspeed else "",
+            deepspeed=lambda w, input: f"--deepspeed {shlex.quote(input.deepspeed[0])}" if input.deepspeed else "",
             launcher=router_launcher(),
             seed=config["seed"],
             config=as_json({"train": ROUTER["train"], "base": model_source(ROUTER["base"])}),
@@ -62,7 +62,7 @@ if ROUTER is not None:
             "OMP_NUM_THREADS={threads} PYTHONWARNINGS=ignore::FutureWarning {params.launcher} -m modelmake "
             "router-train --train {input.train:q} --eval {input.calib:q} --base {params.base:q} "
             "--out {output:q} --ckpt-dir {params.ckpt:q} --settings {params.settings:q} "
-            "--deepspeed {params.deepspeed:q} --seed {params.seed:q} --config {params.config:q} > {log:q} 2>&1"
+            "{params.deepspeed} --seed {params.seed:q} --config {params.config:q} > {log:q} 2>&1"
 
     if ROUTER["train"]["deepspeed"]:
 

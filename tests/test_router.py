@@ -35,6 +35,7 @@ def make_tiny_base(root, hidden: int = 32, layers: int = 1):
 
     from modelmake.assets import build_tokenizer
 
+    root.mkdir(parents=True, exist_ok=True)
     texts = [r["prompt"] for r in map(json.loads, DEMO.read_text().splitlines()[:200])]
     corpus = root / "corpus.parquet"
     pd.DataFrame({"messages": [[{"role": "user", "content": t}] for t in texts]}).to_parquet(corpus)

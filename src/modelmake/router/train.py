@@ -189,7 +189,9 @@ def train_router(
         data_seed=seed,
         dataloader_num_workers=0,
         deepspeed=str(deepspeed) if deepspeed is not None else None,
-        use_cpu=not torch.cuda.is_available(),
+        # plain: CPU unless a GPU is there; DeepSpeed on CPU: its CPU accelerator and a gloo group
+        use_cpu=deepspeed is None and not torch.cuda.is_available(),
+        ddp_backend="gloo" if deepspeed is not None and not torch.cuda.is_available() else None,
         disable_tqdm=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(base_model)
