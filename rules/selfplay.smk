@@ -126,7 +126,11 @@ rule selfplay_train:
 
 
 rule selfplay_eval:
-    """Held-out reward margin, win-rate proxy and log-likelihood gap of iteration it."""
+    """Held-out reward margin, win-rate proxy and log-likelihood gap of iteration it.
+
+    One thread and a priority: it runs beside the next iteration's first generation job, while
+    that job waits for its vLLM pool to start, instead of after the next iteration's generation.
+    """
     input:
         test=sp_path("iter{it}", "test.parquet"),
         model=sp_path("iter{it}", "model"),
@@ -139,7 +143,8 @@ rule selfplay_eval:
         max_length=lambda w: sp_settings(int(w.it))["train"].get("max_length", 256),
     log:
         log_path("selfplay", "iter{it}", "eval.log"),
-    threads: 2
+    threads: 1
+    priority: 1
     conda:
         "../envs/train.yaml"
     shell:
