@@ -23,6 +23,11 @@ TARGETS = ["results/router/t/eval/metrics.json", "results/router/t/eval/curve.pn
            "results/router/t/route/calibration.json"]
 
 
+def targets(workdir) -> list[str]:
+    """The router's targets as absolute paths (the config's results folder is absolute)."""
+    return [str(workdir / t) for t in TARGETS]
+
+
 def router_config(workdir, base, **overrides):
     raw = workdir / "raw" / "scored.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +54,7 @@ def built(tmp_path_factory):
     base = make_tiny_base(workdir / "base", hidden=32)
     write_config(workdir, router_config(workdir, base))
     ckpt = workdir / "results/router/t/ckpt"
-    run = Started(workdir, *TARGETS)
+    run = Started(workdir, *targets(workdir))
     try:
         wait_until(lambda: any(ckpt.glob("checkpoint-*/trainer_state.json")) or run.proc.poll() is not None,
                    timeout=300, what="the first training checkpoint")
@@ -57,7 +62,7 @@ def built(tmp_path_factory):
         run.close()
     killed_at = sorted(int(p.parent.name.split("-")[1]) for p in ckpt.glob("checkpoint-*/trainer_state.json"))
     assert not (workdir / "results/router/t/zero3").exists(), "training finished before it could be killed"
-    out = run_snakemake(workdir, *TARGETS).stdout
+    out = run_snakemake(workdir, *targets(workdir)).stdout
     return workdir, killed_at, out
 
 
@@ -112,9 +117,9 @@ def test_route_cli_sends_each_prompt_to_strong_or_weak(built):
 
 def test_second_run_has_nothing_to_do_and_new_shares_redo_only_calibration(built):
     workdir, _, _ = built
-    assert "Nothing to be done" in run_snakemake(workdir, "-n", *TARGETS).stdout
+    assert "Nothing to be done" in run_snakemake(workdir, "-n", *targets(workdir)).stdout
     cfg = json.loads(json.dumps(__import__("yaml").safe_load((workdir / "config.yaml").read_text())))
     cfg["router"]["route"]["strong_shares"] = [0.3]
     write_config(workdir, cfg)
-    planned = jobs_planned(run_snakemake(workdir, "-n", *TARGETS).stdout)
+    planned = jobs_planned(run_snakemake(workdir, "-n", *targets(workdir)).stdout)
     assert planned == {"router_calibrate": 1, "router_evaluate": 1}
