@@ -14,14 +14,19 @@ include: "rules/common.smk"
 include: "rules/assets.smk"
 include: "rules/data.smk"
 include: "rules/pseudo_labels.smk"
-include: "rules/arena.smk"
+include: "rules/router.smk"
+include: "rules/selfplay.smk"
+
+
+# Pipelines whose section is left out of the config are not built (nor planned).
+if config.get("arena"):
+
+    include: "rules/arena.smk"
+
+
 if config.get("distill"):
 
     include: "rules/distill.smk"
-
-
-include: "rules/router.smk"
-include: "rules/selfplay.smk"
 
 
 rule all:

@@ -64,7 +64,7 @@ rule selfplay_generate:
     log:
         log_path("selfplay", "iter{it}", "generate_{sppart}_frac{frac}.log"),
     resources:
-        gpu=pool_gpus(SP["world_size"]),
+        gpu=pool_gpus(SP.get("world_size")),
         runtime=24 * 60,
     conda:
         "../envs/serve.yaml"

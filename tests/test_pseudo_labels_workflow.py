@@ -34,8 +34,14 @@ def copy_head(src: Path, dst: Path, n: int = N_LINES) -> str:
     return str(dst)
 
 
+OTHER_PIPELINES = ("router", "selfplay", "arena", "distill")
+
+
 def pl_config(workdir: Path, **overrides) -> dict:
+    """The demo config for the pseudo-label pipeline only (the other pipelines' sections left out)."""
     cfg = small_config(workdir, **overrides)
+    for name in OTHER_PIPELINES:
+        cfg.pop(name, None)
     for name in ("chat_en", "chat_zh"):
         cfg["datasets"][name]["splits"]["train"] = [
             copy_head(REPO / f"resources/demo/{name}.jsonl", workdir / f"raw/{name}.jsonl")
