@@ -42,6 +42,7 @@ def pl_config(workdir: Path, **overrides) -> dict:
     cfg = small_config(workdir, **overrides)
     for name in OTHER_PIPELINES:
         cfg.pop(name, None)
+    cfg["models"] = {"teacher": cfg["models"]["teacher"]}  # and their model roles
     for name in ("chat_en", "chat_zh"):
         cfg["datasets"][name]["splits"]["train"] = [
             copy_head(REPO / f"resources/demo/{name}.jsonl", workdir / f"raw/{name}.jsonl")
