@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Started, run_snakemake, small_config, wait_until, write_config
+from test_pseudo_labels_workflow import session_processes
 
 pytestmark = pytest.mark.slow
 
@@ -59,19 +60,9 @@ def parquet_provenance(path: Path) -> dict:
 
 
 def generate_pids(session: int, fraction: Path) -> list[int]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if os.getsid(int(d.name)) != session:
-                continue
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ProcessLookupError):
-            continue
-        if "modelmake generate" in cmd and str(fraction) in cmd:
-            found.append(int(d.name))
-    return found
+    """The generate job of one fraction in our Snakemake run's session."""
+    return [p for p in session_processes(session, "modelmake generate")
+            if str(fraction) in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()]
 
 
 @pytest.fixture(scope="module")
