@@ -83,8 +83,6 @@ def test_one_process_zero3_checkpoint_consolidates_to_the_trained_weights(setup)
     assert model.get_input_embeddings().weight.shape[0] == json.loads((zero3 / "config.json").read_text())["vocab_size"]
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (issue 4 open): with two CPU processes the Trainer sizes the "
-                   "batch for one process and DeepSpeed rejects it (train_batch_size 4 != 4 * 1 * 2)")
 def test_two_process_zero3_checkpoint_consolidates_to_the_trained_weights(setup):
     root, base, splits = setup
     zero3 = train(root, base, splits, "two", processes=2)

@@ -49,6 +49,9 @@ DEFAULTS = {
     "save_steps": 50,
     "logging_steps": 5,
     "bf16": False,
+    # TRL's SFTConfig turns it on by default: a second forward per step, worth it only when
+    # activations do not fit (a large base model on GPU)
+    "gradient_checkpointing": False,
 }
 
 
@@ -64,6 +67,23 @@ def ensure_process_group_env() -> None:
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
+
+
+def deepspeed_cpu_state() -> None:
+    """Set up accelerate's process state for DeepSpeed over gloo on CPU, before the Trainer's args.
+
+    Left to itself, accelerate finds no accelerator on CPU, keeps no backend and then counts one
+    process whatever the world size: with two processes the Trainer sizes DeepSpeed's batch for one
+    and DeepSpeed refuses it (train_batch_size 4 != 4 * 1 * 2). Naming the backend here gives the
+    state the real world size; the args then take it (``use_configured_state``).
+    """
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
 def check_template(tokenizer: Any, conversation: list[dict]) -> None:
@@ -151,8 +171,11 @@ def train_router(
 
     started = time.time()
     s = {**DEFAULTS, **settings}
+    deepspeed_on_cpu = deepspeed is not None and not torch.cuda.is_available()
     if deepspeed is not None:
         ensure_process_group_env()
+    if deepspeed_on_cpu:
+        deepspeed_cpu_state()
     seed_everything(seed)
     train_df = pd.read_parquet(train_parquet, columns=["messages", "system"])
     eval_df = pd.read_parquet(eval_parquet, columns=["messages"])
@@ -178,6 +201,7 @@ def train_router(
         assistant_only_loss=True,
         packing=False,
         bf16=s["bf16"],
+        gradient_checkpointing=s["gradient_checkpointing"],
         logging_steps=s["logging_steps"],
         eval_strategy="epoch",
         save_strategy="steps",
@@ -191,7 +215,7 @@ def train_router(
         deepspeed=str(deepspeed) if deepspeed is not None else None,
         # plain: CPU unless a GPU is there; DeepSpeed on CPU: its CPU accelerator and a gloo group
         use_cpu=deepspeed is None and not torch.cuda.is_available(),
-        ddp_backend="gloo" if deepspeed is not None and not torch.cuda.is_available() else None,
+        accelerator_config={"use_configured_state": True} if deepspeed_on_cpu else None,
         disable_tqdm=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(base_model)
