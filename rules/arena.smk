@@ -132,6 +132,7 @@ rule arena_train:
         bench_path("arena", "train", "{arena_stage}", "{base}.tsv")
     threads: 1  # two small trainings side by side beat one with two threads (start-up overlaps)
     resources:
+        gpu=AR["gpu"],
         mem_mb=4000,
         runtime=120,
     conda:
@@ -153,6 +154,8 @@ rule arena_predict:
     log:
         log_path("arena", "predict", "{source}", "{base}.log"),
     threads: 1
+    resources:
+        gpu=AR["gpu"],
     conda:
         "../envs/train.yaml"
     shell:

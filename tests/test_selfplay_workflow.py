@@ -61,8 +61,8 @@ def parquet_provenance(path: Path) -> dict:
 
 def generate_pids(session: int, fraction: Path) -> list[int]:
     """The generate job of one fraction in our Snakemake run's session."""
-    return [p for p in session_processes(session, "modelmake generate")
-            if str(fraction) in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()]
+    with_fraction = set(session_processes(session, str(fraction)))
+    return [p for p in session_processes(session, "modelmake generate") if p in with_fraction]
 
 
 @pytest.fixture(scope="module")

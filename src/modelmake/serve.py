@@ -269,24 +269,31 @@ class Pool:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """Stop every process group started, SIGTERM first, SIGKILL after the grace period."""
-        for _name, p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace_s
-        for name, p in self.procs:
+        stop_process_groups(self.procs, grace_s)
+        log.info("pool stopped")
+
+
+def stop_process_groups(procs: list[tuple[str, subprocess.Popen]], grace_s: float) -> None:
+    """Stop processes started with ``start_new_session=True``, each with its whole process group:
+    SIGTERM to every group, wait up to ``grace_s`` in all, then SIGKILL whatever is left of each group
+    (a group may hold grandchildren, vLLM's engine core, even after its leader exited)."""
+    for _name, p in procs:
+        if p.poll() is None:
             try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM; killing it", name, p.pid)
-            try:  # the group may hold grandchildren (vLLM's engine core) even after p exited
-                os.killpg(p.pid, signal.SIGKILL)
+                os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            p.wait()
-        log.info("pool stopped")
+    deadline = time.monotonic() + grace_s
+    for name, p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) ignored SIGTERM; killing it", name, p.pid)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
 
 
 def spec_hash(spec: PoolSpec) -> str:

@@ -168,6 +168,7 @@ def predict(model, tokenizer, df, ts: TemplateSettings, batch_size: int = 32, sw
     with torch.no_grad():
         for i in range(0, len(ids), batch_size):
             batch = collate([{"input_ids": x} for x in ids[i: i + batch_size]], tokenizer.pad_token_id)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
             probs = model(**batch).logits.float().softmax(-1)
             out += probs[:, 1 if swap else 0].tolist()
     return out

@@ -18,6 +18,7 @@ from modelmake.files import write_json
 
 def predict_pairs(model_dir: str, pairs: str, out: str, batch_size: int = 32) -> dict:
     import pandas as pd
+    import torch
 
     from modelmake.arena.model import load_classifier, load_tokenizer, predict
     from modelmake.arena.template import TemplateSettings
@@ -27,6 +28,8 @@ def predict_pairs(model_dir: str, pairs: str, out: str, batch_size: int = 32) ->
     ts = TemplateSettings(**read_json(Path(model_dir) / "arena.json")["template"])
     tok = load_tokenizer(model_dir)
     model = load_classifier(model_dir, tok)
+    if torch.cuda.is_available():  # the rule's gpu resource (arena.gpu) gave this job one
+        model.to("cuda")
     df = pd.read_parquet(pairs)
     p_orig = predict(model, tok, df, ts, batch_size)
     p_swap = predict(model, tok, df, ts, batch_size, swap=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from modelmake.errors import ServiceError, UserError
 from modelmake.files import read_json, write_json
-from modelmake.serve import _die_with_parent, free_port
+from modelmake.serve import _die_with_parent, free_port, stop_process_groups
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +76,7 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool 
     procs: list[tuple[str, subprocess.Popen, Path]] = []
 
     def stop_all(grace_s: float = 10.0) -> None:
-        for _, p, _ in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace_s
-        for _, p, _ in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+        stop_process_groups([(name, p) for name, p, _ in procs], grace_s)
 
     def on_signal(signum, _frame):
         log.warning("signal %d: stopping every process of the stage", signum)
