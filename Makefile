@@ -25,6 +25,8 @@ lint: setup
 bench: setup
 	python bench/bench_dag.py
 	python bench/bench_serving.py
+	$(SNAKEMAKE) --cores all results/router/demo/data/train.parquet results/assets/models/tiny-llama
+	python bench/bench_router.py
 
 clean:
 	rm -rf results .snakemake
