@@ -18,14 +18,13 @@ Usage: python scripts/make_demo_arena.py [--out resources/demo/arena] [--labelle
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_demo_data import EN_ASK, EN_FOLLOW, EN_TOPICS, ZH_ASK, ZH_FOLLOW, ZH_TOPICS  # noqa: E402
+from make_demo_data import EN_ASK, EN_FOLLOW, EN_TOPICS, ZH_ASK, ZH_FOLLOW, ZH_TOPICS, write_jsonl  # noqa: E402
 
 LANGS = {
     "en": {
@@ -85,12 +84,6 @@ def prompts(rng: random.Random, n: int) -> list[dict]:
         rows.append({"id": f"prompt-{code}-{i:04d}", "prompt": rng.choice(lang["ask"]).format(t=name),
                      "language": code})
     return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main() -> None:

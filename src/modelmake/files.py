@@ -67,6 +67,33 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """``(file:line, object)`` of every non-blank line of a user's JSON-lines file.
+
+    A line that is not UTF-8, not JSON or not a JSON object raises :class:`RecordError` naming its
+    file:line; checking the fields is the caller's (it has the ``file:line`` to report them with).
+    """
+    from modelmake.errors import RecordError
+
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise RecordError(f"bad record in {where}: not UTF-8 ({e.reason} at byte {e.start}). "
+                                  "Fix the line.") from None
+            except json.JSONDecodeError as e:
+                raise RecordError(f"bad record in {where}: not JSON ({e.msg}, column {e.colno}). "
+                                  "Fix the line.") from None
+            if not isinstance(obj, dict):
+                raise RecordError(f"bad record in {where}: expected a JSON object, got {type(obj).__name__}. "
+                                  "Fix the line.")
+            yield where, obj
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

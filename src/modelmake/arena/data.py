@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from modelmake.errors import RecordError
-from modelmake.files import code_version, sha256_tree
+from modelmake.files import code_version, jsonl_objects, sha256_tree
 
 TEXT_FIELDS = ("id", "prompt", "response_a", "response_b", "language")
 WINNERS = ("model_a", "model_b")
@@ -26,32 +26,22 @@ def fold_of(rid: str, folds: int) -> int:
 def read_pairs(paths: list[str | Path], labelled: bool) -> list[dict]:
     rows, seen = [], {}
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise RecordError(f"bad record in {where}: not JSON ({e.msg}). Fix the line.") from None
-                if not isinstance(rec, dict):
-                    raise RecordError(f"bad record in {where}: expected an object, got {type(rec).__name__}.")
-                for k in TEXT_FIELDS:
-                    if not isinstance(rec.get(k), str):
-                        raise RecordError(f"bad record in {where}: {k!r} must be a string, got "
-                                          f"{type(rec.get(k)).__name__}. Fix the line.")
-                if labelled and rec.get("winner") not in WINNERS:
-                    raise RecordError(f"bad record in {where}: 'winner' must be one of {', '.join(WINNERS)}, "
-                                      f"got {rec.get('winner')!r}. Fix the line or drop it.")
-                if rec["id"] in seen:
-                    raise RecordError(f"bad record in {where}: id {rec['id']!r} already used at "
-                                      f"{seen[rec['id']]}. Ids must be unique.")
-                seen[rec["id"]] = where
-                row = {k: rec[k] for k in TEXT_FIELDS}
-                if labelled:
-                    row["winner"] = rec["winner"]
-                rows.append(row)
+        for where, rec in jsonl_objects(path):
+            for k in TEXT_FIELDS:
+                if not isinstance(rec.get(k), str):
+                    raise RecordError(f"bad record in {where}: {k!r} must be a string, got "
+                                      f"{type(rec.get(k)).__name__}. Fix the line.")
+            if labelled and rec.get("winner") not in WINNERS:
+                raise RecordError(f"bad record in {where}: 'winner' must be one of {', '.join(WINNERS)}, "
+                                  f"got {rec.get('winner')!r}. Fix the line or drop it.")
+            if rec["id"] in seen:
+                raise RecordError(f"bad record in {where}: id {rec['id']!r} already used at "
+                                  f"{seen[rec['id']]}. Ids must be unique.")
+            seen[rec["id"]] = where
+            row = {k: rec[k] for k in TEXT_FIELDS}
+            if labelled:
+                row["winner"] = rec["winner"]
+            rows.append(row)
     return rows
 
 

@@ -10,28 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import random
 import time
 
 from modelmake.arena.data import write_parquet
 from modelmake.errors import RecordError
-from modelmake.files import atomic_open, dumps, read_jsonl
+from modelmake.files import atomic_open, dumps, jsonl_objects, read_jsonl
 
 
 def sample_prompts(pool: str, n: int, seed: int, out: str) -> int:
     rows = []
-    with open(pool, encoding="utf-8") as f:
-        for k, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"bad record in {pool}:{k}: not JSON ({e.msg}). Fix the line.") from None
-            if not (isinstance(rec, dict) and isinstance(rec.get("id"), str) and isinstance(rec.get("prompt"), str)):
-                raise RecordError(f"bad record in {pool}:{k}: needs string 'id' and 'prompt'. Fix the line.")
-            rows.append(rec)
+    for where, rec in jsonl_objects(pool):
+        if not (isinstance(rec.get("id"), str) and isinstance(rec.get("prompt"), str)):
+            raise RecordError(f"bad record in {where}: needs string 'id' and 'prompt'. Fix the line.")
+        rows.append(rec)
     if n > len(rows):
         raise RecordError(f"arena.response_pairs.prompts={n} but {pool} holds {len(rows)} prompts; "
                           f"lower the number or add prompts")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from modelmake.errors import RecordError, UserError
-from modelmake.files import atomic_open
+from modelmake.files import atomic_open, jsonl_objects
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +75,10 @@ def read_web(path: str | Path) -> list[str]:
 
         return [str(t) for t in pd.read_parquet(path, columns=["text"])["text"]]
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"bad JSON in {path}:{n}: {e.msg}. Fix the line.") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise RecordError(f"bad record in {path}:{n}: needs a string field \"text\" (C4 style). Fix the line.")
-            texts.append(rec["text"])
+    for where, rec in jsonl_objects(path):
+        if not isinstance(rec.get("text"), str):
+            raise RecordError(f"bad record in {where}: needs a string field \"text\" (C4 style). Fix the line.")
+        texts.append(rec["text"])
     return texts
 
 

@@ -26,16 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from modelmake.errors import RecordError, UserError
+from modelmake.files import jsonl_objects
 from modelmake.router.tokens import label_of
 
 SPLITS = ("train", "calib", "test")
 ROLES = ("system", "user", "assistant")
 
 
-def _check(path: Path, line_no: int, obj: Any) -> dict:
-    where = f"{path}:{line_no}"
-    if not isinstance(obj, dict):
-        raise RecordError(f"bad record in {where}: expected a JSON object, got {type(obj).__name__}")
+def _check(where: str, obj: dict) -> dict:
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RecordError(f"bad record in {where}: \"prompt\" must be a non-empty string")
@@ -77,22 +75,13 @@ def _check(path: Path, line_no: int, obj: Any) -> dict:
 def read_scored(paths: list[str | Path]) -> list[dict]:
     """Every record of the given jsonl files, validated; raises RecordError with file:line."""
     records, seen = [], {}
-    for p in map(Path, paths):
-        with open(p, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise RecordError(f"bad record in {p}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
-                except json.JSONDecodeError as e:
-                    raise RecordError(f"bad record in {p}:{n}: not JSON ({e.msg}, column {e.colno})") from None
-                rec = _check(p, n, obj)
-                if rec["id"] in seen:
-                    raise RecordError(f"bad record in {p}:{n}: duplicate id {rec['id']!r} (first at {seen[rec['id']]})")
-                seen[rec["id"]] = f"{p}:{n}"
-                records.append(rec)
+    for p in paths:
+        for where, obj in jsonl_objects(p):
+            rec = _check(where, obj)
+            if rec["id"] in seen:
+                raise RecordError(f"bad record in {where}: duplicate id {rec['id']!r} (first at {seen[rec['id']]})")
+            seen[rec["id"]] = where
+            records.append(rec)
     if not records:
         raise RecordError(f"no records in {', '.join(map(str, paths))}")
     systems = {r["system"] for r in records}
