@@ -1,40 +1,35 @@
 # modelmake: one Snakemake workflow that builds LLM data and models.
-# The Snakefile only validates the config, includes the rules and names the default targets;
-# paths live in rules/common.smk, logic in src/modelmake.
+# The Snakefile only loads the config, includes the rules and names the default target;
+# shared wiring lives in rules/common.smk, each pipeline's in its own rules/<pipeline>.smk,
+# logic in src/modelmake.
 
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# A config given with --configfile is the whole config (several files deep-merge in order);
+# the embedded demo, config.yaml, is used only when none is given.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 include: "rules/common.smk"
 include: "rules/assets.smk"
 include: "rules/data.smk"
-include: "rules/pseudo_labels.smk"
-include: "rules/router.smk"
-include: "rules/selfplay.smk"
 
 
-# Pipelines whose section is left out of the config are not built (nor planned).
-if config.get("arena"):
+# A pipeline is built if and only if its section is in the config. Each rules/<pipeline>.smk adds
+# its targets to TARGETS. Pseudo-labels come first: distillation may train on them.
+for pipeline in PIPELINES:
+    if pipeline in config:
 
-    include: "rules/arena.smk"
-
-
-if config.get("distill"):
-
-    include: "rules/distill.smk"
+        include: f"rules/{pipeline}.smk"
 
 
 rule all:
-    """Everything the config asks for."""
+    """Everything the config asks for: the targets of every pipeline it has a section for."""
     input:
-        pseudo_label_targets(),
-        arena_targets(),
-        distill_targets(),
-        router_targets(),
-        sp_targets(),
+        TARGETS,
     default_target: True

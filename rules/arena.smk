@@ -1,5 +1,11 @@
 # Arena (seed 003): a pairwise preference classifier in three stages, ensemble soft pseudo-labels,
 # response pairs generated through the serving pools, fp16 submission export, held-out report.
+# Included only when the config has an arena section.
+
+include: "functions/arena.smk"
+
+
+TARGETS += arena_targets()
 
 
 wildcard_constraints:
@@ -47,41 +53,23 @@ rule arena_sample_prompts:
         "--out {output:q} > {log:q} 2>&1"
 
 
-rule arena_generate:
-    """Answer the sampled prompts with one generator, through its own leased vLLM pool.
-
-    The foundation's generate command: journal and resume, one answer per record.
-    """
+use rule generate from generation as arena_generate with:
     input:
         prompts=arena_path("pairs", "prompts.jsonl"),
         model=lambda w: model_inputs(w.generator),
     output:
         arena_path("pairs", "answers", "{generator}.jsonl"),
     params:
-        settings=lambda w: as_json({
-            "teacher_source": model_source(w.generator),
-            "sampling": AR["response_pairs"]["sampling"],
-            "max_conversation_tokens": AR["response_pairs"]["max_conversation_tokens"],
-            "concurrency": AR["response_pairs"]["concurrency"],
-            "retries": AR["response_pairs"]["retries"],
-            "max_failure_share": AR["response_pairs"]["max_failure_share"],
-        }),
-        pool_spec=lambda w: arena_pool_spec(w.generator),
-        pool_dir=lambda w: results("serve", w.generator, "arena"),
-        pool_logs=lambda w: log_path("serve", w.generator, "arena"),
-        ready_timeout=config["serve"]["ready_timeout_s"],
-        idle_timeout=config["serve"]["idle_timeout_s"],
+        records=lambda w, input: input.prompts,
+        settings=lambda w: generation_settings("arena.response_pairs", AR["response_pairs"], model_source(w.generator)),
+        pool_spec=lambda w: pool_spec(w.generator, servers=AR["response_pairs"]["servers"]),
+        pool_dir=lambda w: pool_folder(w.generator, "arena")["pool_dir"],
+        pool_logs=lambda w: pool_folder(w.generator, "arena")["pool_logs"],
     log:
         log_path("arena", "generate", "{generator}.log"),
     resources:
         gpu=pool_gpus(AR["response_pairs"]["servers"]),
         runtime=60,
-    conda:
-        "../envs/serve.yaml"
-    shell:
-        "python -m modelmake generate {input.prompts:q} --out {output:q} --settings {params.settings:q} "
-        "--pool-spec {params.pool_spec:q} --pool-folder {params.pool_dir:q} --pool-logs {params.pool_logs:q} "
-        "--ready-timeout {params.ready_timeout} --idle-timeout {params.idle_timeout} > {log:q} 2>&1"
 
 
 rule arena_pairs:

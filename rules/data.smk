@@ -1,4 +1,5 @@
-# Data: raw chat jsonl -> reformatted parquet -> deterministic partitions and shards.
+# Data: raw chat files -> reformatted {id, messages} parquet (pseudo-labels shard it, self-play and
+# distillation read it).
 
 
 rule reformat:
@@ -20,21 +21,3 @@ rule reformat:
     shell:
         "python -m modelmake reformat {input:q} --out {output.parquet:q} --rejects {output.rejects:q} "
         "--stats {output.stats:q} --on-error {params.on_error:q} > {log:q} 2>&1"
-
-
-rule shard:
-    """Write one partition of a reformatted split as shards, by a stable hash of the id."""
-    input:
-        data_path("{dataset}", "reformatted", "{split}.parquet"),
-    output:
-        directory(data_path("{dataset}", "shards", "{split}", "part{part}")),
-    params:
-        partitions=config["pseudo_labels"]["partitions"],
-        shards=config["pseudo_labels"]["shards_per_partition"],
-    log:
-        log_path("shard", "{dataset}", "{split}", "part{part}.log"),
-    conda:
-        "../envs/train.yaml"
-    shell:
-        "python -m modelmake shard {input:q} --out {output:q} --part {wildcards.part} "
-        "--partitions {params.partitions} --shards {params.shards} > {log:q} 2>&1"

@@ -1,5 +1,11 @@
 # Distillation (seed 001): data -> hybrid student init -> stage 1 (hidden states) -> stage 2 (KL + CE)
 # -> held-out evaluation. Each stage job supervises its teacher processes and trainer ranks.
+# Included only when the config has a distill section.
+
+include: "functions/distill.smk"
+
+
+TARGETS += distill_targets()
 
 
 rule distill_chat_data:

@@ -1,6 +1,12 @@
 # Self-play (seed 004): single-turn prompts -> per-iteration generation in fractions (the foundation's
 # leased vLLM pool and resumable client) -> KTO pairs -> KTO with an nnPU prior -> held-out metrics.
 # Iteration t generates with, starts from and is regularised towards iteration t-1's model.
+# Included only when the config has a selfplay section (iterations: 0 builds nothing).
+
+include: "functions/selfplay.smk"
+
+
+TARGETS += sp_targets()
 
 
 wildcard_constraints:
@@ -32,7 +38,7 @@ checkpoint selfplay_fractions:
     output:
         directory(sp_path("data", "{sppart}_fractions")),
     params:
-        frac_len=SP.get("frac_len", 0),
+        frac_len=SP["frac_len"],
     log:
         log_path("selfplay", "fractions_{sppart}.log"),
     conda:
@@ -41,38 +47,23 @@ checkpoint selfplay_fractions:
         "python -m modelmake selfplay-fractions {input:q} --out {output:q} --frac-len {params.frac_len} > {log:q} 2>&1"
 
 
-rule selfplay_generate:
-    """Answer one fraction's prompts with iteration it's starting model, served by its own pool.
-
-    The foundation's `modelmake generate`: it leases the pool (world_size vLLM servers behind
-    Traefik, started by the first fraction job, shared by the others, stopped after the last), the
-    server applies the model's own chat template, and finished answers are journaled so that a
-    rerun of a killed fraction regenerates only what is missing and duplicates nothing.
-    """
+use rule generate from generation as selfplay_generate with:
     input:
         fractions=sp_path("data", "{sppart}_fractions"),
         model=lambda w: sp_start_inputs(int(w.it)),
     output:
         sp_path("iter{it}", "generated", "{sppart}", "frac{frac}.jsonl"),
     params:
+        records=sp_path("data", "{sppart}_fractions", "frac{frac}.jsonl"),
         settings=sp_generation_settings,
         pool_spec=lambda w: pool_spec(sp_pool(int(w.it)), model=sp_start_model(int(w.it)), servers=SP["world_size"]),
-        pool_dir=lambda w: results("serve", sp_pool(int(w.it)), "part0"),
-        pool_logs=lambda w: log_path("serve", sp_pool(int(w.it)), "part0"),
-        ready_timeout=config["serve"]["ready_timeout_s"],
-        idle_timeout=config["serve"]["idle_timeout_s"],
+        pool_dir=lambda w: pool_folder(sp_pool(int(w.it)), "part0")["pool_dir"],
+        pool_logs=lambda w: pool_folder(sp_pool(int(w.it)), "part0")["pool_logs"],
     log:
         log_path("selfplay", "iter{it}", "generate_{sppart}_frac{frac}.log"),
     resources:
-        gpu=pool_gpus(SP.get("world_size")),
+        gpu=pool_gpus(SP["world_size"]),
         runtime=24 * 60,
-    conda:
-        "../envs/serve.yaml"
-    shell:
-        "python -m modelmake generate {input.fractions:q}/frac{wildcards.frac}.jsonl --out {output:q} "
-        "--settings {params.settings:q} --pool-spec {params.pool_spec:q} "
-        "--pool-folder {params.pool_dir:q} --pool-logs {params.pool_logs:q} "
-        "--ready-timeout {params.ready_timeout} --idle-timeout {params.idle_timeout} > {log:q} 2>&1"
 
 
 rule selfplay_convert:
@@ -114,7 +105,7 @@ rule selfplay_train:
         bench_path("selfplay", "iter{it}", "train.tsv")
     threads: 2
     resources:
-        gpu=SP.get("train_gpus", 0),
+        gpu=SP["train_gpus"],
         mem_mb=4000,
         runtime=24 * 60,
     conda:

@@ -7,12 +7,18 @@ exist (relative to the working directory).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 from modelmake.errors import ConfigError
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+
+
+# The pipelines, in the order the workflow includes them (pseudo-labels first: distillation may
+# train on them). A pipeline is built if and only if its section is in the config.
+PIPELINES = ("pseudo_labels", "router", "selfplay", "arena", "distill")
 
 
 def key_path(parts) -> str:
@@ -22,39 +28,93 @@ def key_path(parts) -> str:
     return out or "(top level)"
 
 
+def _resolve(schema: dict, root: dict) -> dict:
+    """A schema node with its ``$ref`` merged in: the referenced definition, then the node's own keys
+    (``properties`` merged property by property, ``required`` unioned)."""
+    if "$ref" not in schema:
+        return schema
+    base = dict(_resolve(root["$defs"][schema["$ref"].rsplit("/", 1)[-1]], root))
+    for k, v in schema.items():
+        if k == "$ref":
+            continue
+        if k == "properties":
+            props = dict(base.get("properties", {}))
+            for name, sub in v.items():
+                props[name] = {**props.get(name, {}), **sub}
+            base["properties"] = props
+        elif k == "required":
+            base["required"] = list(dict.fromkeys([*base.get("required", []), *v]))
+        else:
+            base[k] = v
+    return base
+
+
+def _children(schema: dict, value: Any, root: dict):
+    """(key, resolved sub-schema, sub-value) of every member of an object or list value."""
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for k, v in value.items():
+            sub = props.get(k, extra)
+            if isinstance(sub, dict):
+                yield k, _resolve(sub, root), v
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(value):
+            yield i, _resolve(schema["items"], root), v
+
+
 def _with_defaults(schema: dict, value: Any, root: dict) -> Any:
     """Fill schema defaults into a config (objects only, recursively)."""
-    if "$ref" in schema:
-        name = schema["$ref"].rsplit("/", 1)[-1]
-        return _with_defaults(root["$defs"][name], value, root)
+    schema = _resolve(schema, root)
     if isinstance(value, dict) and schema.get("type") == "object":
-        props = schema.get("properties", {})
-        for k, sub in props.items():
+        for k, sub in schema.get("properties", {}).items():
             if k not in value and "default" in sub:
-                value[k] = sub["default"]
-        for k, v in value.items():
-            sub = props.get(k, schema.get("additionalProperties"))
-            if isinstance(sub, dict):
-                value[k] = _with_defaults(sub, v, root)
+                value[k] = copy.deepcopy(sub["default"])
+        for k, sub, v in list(_children(schema, value, root)):
+            value[k] = _with_defaults(sub, v, root)
     return value
 
 
-def _paths(schema: dict, value: Any, root: dict, at: tuple = ()):
-    """Yield (key path, path, kind) for every value the schema marks with x-path."""
-    if "$ref" in schema:
-        yield from _paths(root["$defs"][schema["$ref"].rsplit("/", 1)[-1]], value, root, at)
-        return
-    if "x-path" in schema and isinstance(value, str):
-        yield at, value, schema["x-path"]
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        for k, v in value.items():
-            sub = props.get(k, schema.get("additionalProperties"))
-            if isinstance(sub, dict):
-                yield from _paths(sub, v, root, at + (k,))
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, v in enumerate(value):
-            yield from _paths(schema["items"], v, root, at + (i,))
+def _annotated(schema: dict, value: Any, root: dict, mark: str, at: tuple = (), parent: Any = None):
+    """Yield (key path, value, annotation, parent object) for every value the schema marks with
+    ``mark`` (x-path, x-ref), walking objects and lists."""
+    schema = _resolve(schema, root)
+    if mark in schema and isinstance(value, str):
+        yield at, value, schema[mark], parent
+    for k, sub, v in _children(schema, value, root):
+        yield from _annotated(sub, v, root, mark, at + (k,), value if isinstance(value, dict) else parent)
+
+
+def _lookup(config: dict, dotted: list[str]):
+    node = config
+    for k in dotted:
+        if not isinstance(node, dict) or k not in node:
+            return None
+        node = node[k]
+    return node
+
+
+def _ref_problems(config: dict, at: tuple, value: str, ref: str, parent: dict) -> list[str]:
+    """``value`` must be a key of the section ``ref`` names (x-ref). A ``{sibling}`` part of ``ref``
+    takes the sibling's value, each item of it when it is a list; a sibling that is itself a bad
+    reference is reported at its own key, not here."""
+    parts, templated = [[]], "{" in ref
+    for seg in ref.split("."):
+        if seg.startswith("{") and seg.endswith("}"):
+            v = (parent or {}).get(seg[1:-1])
+            parts = [p + [str(x)] for p in parts for x in (v if isinstance(v, list) else [v])]
+        else:
+            parts = [p + [seg] for p in parts]
+    out = []
+    for dotted in parts:
+        container = _lookup(config, dotted)
+        if container is None and templated and _lookup(config, dotted[:-1]) is None:
+            continue  # the sibling it depends on names nothing: reported there
+        if not isinstance(container, dict) or value not in container:
+            name = ".".join(dotted)
+            what = f"a split of {name[: -len('.splits')]}" if dotted[-1] == "splits" else f"a key of {name}"
+            out.append(f"{key_path(at)}: {value!r} is not {what}")
+    return out
 
 
 def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool = True) -> dict:
@@ -67,9 +127,13 @@ def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool =
     problems = []
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
         where = key_path(err.absolute_path)
-        if err.validator == "additionalProperties":
-            allowed = ", ".join(sorted(err.schema.get("properties", {}))) or "see the schema"
+        if err.validator in ("additionalProperties", "unevaluatedProperties"):
+            allowed = ", ".join(sorted(_resolve(err.schema, schema).get("properties", {}))) or "see the schema"
             problems.append(f"{where}: {err.message}; allowed keys: {allowed}")
+        elif err.validator == "dependentRequired":
+            missing = err.message.split("'")[1]
+            needs = next(k for k, v in err.schema["dependentRequired"].items() if missing in v and k in err.instance)
+            problems.append(f"{missing}: required when the config has a {needs} section")
         elif err.validator == "oneOf" and all("required" in r for r in err.schema["oneOf"]):
             # a choice of keys (models.<name>: asset or path); a non-object already fails "type"
             if isinstance(err.instance, dict):
@@ -86,9 +150,11 @@ def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool =
     if problems:
         raise ConfigError(_report(problems, schema_path))
     config = _with_defaults(schema, config, schema)
+    for at, value, ref, parent in _annotated(schema, config, schema, "x-ref"):
+        problems += _ref_problems(config, at, value, ref, parent)
     problems += _cross_checks(config)
     if check_paths:
-        for at, p, kind in _paths(schema, config, schema):
+        for at, p, kind, _ in _annotated(schema, config, schema, "x-path"):
             path = Path(p)
             if not (path.is_file() if kind == "file" else path.is_dir()):
                 problems.append(f"{key_path(at)}: {kind} {p!r} does not exist (relative to {Path.cwd()})")
@@ -103,33 +169,21 @@ def _report(problems: list[str], schema_path) -> str:
 
 
 def _cross_checks(c: dict) -> list[str]:
-    """What JSON schema cannot say: references between sections."""
+    """What the schema's annotations cannot say: constraints between values of different keys.
+    (References to keys of other sections are x-ref annotations; paths that must exist, x-path.)"""
     out = []
-    assets = c.get("assets", {})
-    for name, m in c["models"].items():
-        if "asset" in m and m["asset"] not in assets.get("models", {}):
-            out.append(f"models.{name}.asset: {m['asset']!r} is not a key of assets.models")
-    for i, d in enumerate(assets.get("tokenizer", {}).get("corpora", [])):
-        if d not in c["datasets"]:
-            out.append(f"assets.tokenizer.corpora[{i}]: {d!r} is not a key of datasets")
-    if any("asset" in m for m in c["models"].values()) and "tokenizer" not in assets:
+    if any("asset" in m for m in c["models"].values()) and "tokenizer" not in c.get("assets", {}):
         out.append("assets.tokenizer: required when a model is built from assets")
-    pl = c["pseudo_labels"]
-    if pl["teacher"] not in c["models"]:
-        out.append(f"pseudo_labels.teacher: {pl['teacher']!r} is not a key of models")
-    for i, d in enumerate(pl["datasets"]):
-        if d not in c["datasets"]:
-            out.append(f"pseudo_labels.datasets[{i}]: {d!r} is not a key of datasets")
-        elif pl["split"] not in c["datasets"][d]["splits"]:
-            out.append(f"pseudo_labels.split: {pl['split']!r} is not a split of datasets.{d}")
-    for i, p in enumerate(pl.get("build_partitions") or []):
-        if p >= pl["partitions"]:
-            out.append(f"pseudo_labels.build_partitions[{i}]: {p} is not below partitions={pl['partitions']}")
-    if pl["max_conversation_tokens"] > c["serve"]["max_model_len"]:
-        out.append(
-            f"pseudo_labels.max_conversation_tokens: {pl['max_conversation_tokens']} exceeds "
-            f"serve.max_model_len={c['serve']['max_model_len']}"
-        )
+    pl = c.get("pseudo_labels")
+    if pl:
+        for i, p in enumerate(pl.get("build_partitions") or []):
+            if p >= pl["partitions"]:
+                out.append(f"pseudo_labels.build_partitions[{i}]: {p} is not below partitions={pl['partitions']}")
+    for key in ("pseudo_labels", "arena.response_pairs", "selfplay"):
+        section = _lookup(c, key.split("."))
+        if section and section["max_conversation_tokens"] > c["serve"]["max_model_len"]:
+            out.append(f"{key}.max_conversation_tokens: {section['max_conversation_tokens']} exceeds "
+                       f"serve.max_model_len={c['serve']['max_model_len']}")
     if "arena" in c:
         from modelmake.arena.checks import cross_checks
 
@@ -143,45 +197,22 @@ def _distill_checks(c: dict) -> list[str]:
     if not d:
         return []
     out = []
-    if d["teacher"] not in c["models"]:
-        out.append(f"distill.teacher: {d['teacher']!r} is not a key of models")
-    for i, name in enumerate(d["chat"]["datasets"]):
-        if name not in c["datasets"]:
-            out.append(f"distill.chat.datasets[{i}]: {name!r} is not a key of datasets")
-        elif d["chat"]["split"] not in c["datasets"][name]["splits"]:
-            out.append(f"distill.chat.split: {d['chat']['split']!r} is not a split of datasets.{name}")
     if not d["chat"]["datasets"] and not d["chat"].get("pseudo_labels"):
         out.append("distill.chat: name at least one dataset or set pseudo_labels: true")
+    if d["chat"].get("pseudo_labels") and "pseudo_labels" not in c:
+        out.append("distill.chat.pseudo_labels: true needs a pseudo_labels section (whose labels it trains on)")
     return out
 
 
 def _router_checks(c: dict) -> list[str]:
-    out = []
     r = c.get("router")
-    if r is not None:
-        if r["base"] not in c["models"]:
-            out.append(f"router.base: {r['base']!r} is not a key of models")
-        if r["split"]["calib"] + r["split"]["test"] >= 1:
-            out.append("router.split: calib + test must leave records to train on (sum below 1)")
-    return out
+    if r is not None and r["split"]["calib"] + r["split"]["test"] >= 1:
+        return ["router.split: calib + test must leave records to train on (sum below 1)"]
+    return []
 
 
 def _selfplay_checks(c: dict) -> list[str]:
     sp = c.get("selfplay")
-    if not sp:
-        return []
-    out = []
-    if sp["sft_model"] not in c["models"]:
-        out.append(f"selfplay.sft_model: {sp['sft_model']!r} is not a key of models")
-    if sp["dataset"] not in c["datasets"]:
-        out.append(f"selfplay.dataset: {sp['dataset']!r} is not a key of datasets")
-    else:
-        for key in ("train_split", "test_split"):
-            if sp[key] not in c["datasets"][sp["dataset"]]["splits"]:
-                out.append(f"selfplay.{key}: {sp[key]!r} is not a split of datasets.{sp['dataset']}")
-    if len(sp["per_iteration"]) > sp["iterations"]:
-        out.append(f"selfplay.per_iteration: {len(sp['per_iteration'])} entries for {sp['iterations']} iterations")
-    if sp["max_conversation_tokens"] > c["serve"]["max_model_len"]:
-        out.append(f"selfplay.max_conversation_tokens: {sp['max_conversation_tokens']} exceeds "
-                   f"serve.max_model_len={c['serve']['max_model_len']}")
-    return out
+    if sp and len(sp["per_iteration"]) > sp["iterations"]:
+        return [f"selfplay.per_iteration: {len(sp['per_iteration'])} entries for {sp['iterations']} iterations"]
+    return []

@@ -1,0 +1,44 @@
+# distill: the pipeline's config slice, results layout and input functions, used by rules/distill.smk
+# (functions apart from rules, as snakemake --lint asks).
+
+DI = config["distill"]
+
+
+def distill_path(*parts):
+    return results("distill", DI["name"], *parts)
+
+
+def distill_chat_inputs():
+    """Reformatted chat splits, plus the seed-000 pseudo-labels when distill.chat.pseudo_labels."""
+    chat = DI["chat"]
+    paths = [data_path(d, "reformatted", f"{chat['split']}.parquet") for d in chat["datasets"]]
+    if chat.get("pseudo_labels"):
+        paths += [labels_path(d, PL["teacher"], "labels.parquet") for d in PL["datasets"]]
+    return paths
+
+
+def distill_web_files():
+    return [f for files in DI["web"]["files"].values() for f in files]
+
+
+def distill_stage_settings(n):
+    """One stage's training settings as JSON (everything the trainer processes need to agree on)."""
+    return as_json({
+        **DI[f"stage{n}"], "stage": n, "max_len": DI["max_len"], "seed": config["seed"],
+        "collective_timeout_s": DI["service"]["collective_timeout_s"], "deepspeed": DI.get("deepspeed"),
+    })
+
+
+def distill_layout():
+    return as_json(DI["service"])
+
+
+def distill_gpus():
+    s = DI["service"]
+    per_group = s["ranks_per_group"] + (1 if s["mode"] == "service" else 0)
+    return s["groups"] * per_group if s["gpu"] else 0
+
+
+def distill_targets():
+    """The evaluation of the distillation run (it needs every stage)."""
+    return [distill_path("eval", "metrics.json"), distill_path("eval", "perplexity.png")]
