@@ -17,7 +17,7 @@ from pathlib import Path
 
 from modelmake.errors import UserError
 
-PIPELINES = ("router", "selfplay", "arena", "distill")
+PIPELINES = ("pseudo_labels", "router", "selfplay", "arena", "distill")
 
 
 def cmd_check_config(a) -> None:
@@ -48,13 +48,6 @@ def cmd_build_model(a) -> None:
     build_tiny_llama(a.tokenizer, a.corpora, a.out, seed=a.seed, **json.loads(a.arch))
 
 
-def cmd_shard(a) -> None:
-    from modelmake.shard import write_partition
-
-    layout = write_partition(a.parquet, a.out, a.part, a.partitions, a.shards)
-    logging.info("partition %d: %s records per shard", a.part, layout["records"])
-
-
 def cmd_serve(a) -> None:
     from modelmake.serve import PoolSpec, run_pool
 
@@ -80,13 +73,6 @@ def cmd_generate(a) -> None:
 
     settings = GenerateSettings(model=spec.served_name, sampling=Sampling(**opts.pop("sampling")), **opts)
     generate_shard(a.shard, a.out, server, settings)
-
-
-def cmd_merge(a) -> None:
-    from modelmake.merge import merge_shards
-
-    stats = merge_shards(a.shards, a.out, a.stats, a.plot, config=json.loads(a.config))
-    logging.info("merged: %d ok, %d failed, %d tokens", stats["ok"], stats["failed"], stats["completion_tokens"])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -119,14 +105,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_build_model)
 
-    p = sub.add_parser("shard", help="write one partition's shards")
-    p.add_argument("parquet")
-    p.add_argument("--out", required=True)
-    p.add_argument("--part", type=int, required=True)
-    p.add_argument("--partitions", type=int, required=True)
-    p.add_argument("--shards", type=int, required=True)
-    p.set_defaults(func=cmd_shard)
-
     p = sub.add_parser("serve", help="supervise vLLM servers behind a Traefik proxy while leased")
     p.add_argument("--folder", required=True, help="the pool folder (lock, leases, readiness files)")
     p.add_argument("--log-dir", required=True)
@@ -145,14 +123,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=float, default=900)
     p.add_argument("--idle-timeout", type=float, default=15)
     p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("merge", help="pseudo-label shards -> parquet, stats and plot")
-    p.add_argument("shards", nargs="+")
-    p.add_argument("--out", required=True)
-    p.add_argument("--stats", required=True)
-    p.add_argument("--plot", required=True)
-    p.add_argument("--config", default="{}", help="JSON of the config slice to record")
-    p.set_defaults(func=cmd_merge)
 
     # Each pipeline package adds its own subcommands (modelmake.<pipeline>.cli.add_commands), so
     # pipelines never edit this file; their modules import torch and friends lazily, in the commands.
