@@ -58,7 +58,7 @@ def cmd_serve(a) -> None:
 def cmd_generate(a) -> None:
     import socket
 
-    from modelmake.generate import GenerateSettings, Sampling, generate_shard
+    from modelmake.generate import GenerateSettings, generate_shard
     from modelmake.serve import PoolSpec, lease
 
     spec = PoolSpec(**json.loads(a.pool_spec))
@@ -71,7 +71,7 @@ def cmd_generate(a) -> None:
                    ready_timeout_s=a.ready_timeout, idle_s=a.idle_timeout) as proxy:
             yield proxy["url"]
 
-    settings = GenerateSettings(model=spec.served_name, sampling=Sampling(**opts.pop("sampling")), **opts)
+    settings = GenerateSettings.from_dict(spec.served_name, opts)
     generate_shard(a.shard, a.out, server, settings)
 
 
@@ -113,10 +113,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=15, help="stop after this long without a lease")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("generate", help="pseudo-label one shard through a serving pool")
+    p = sub.add_parser("generate", help="generate the assistant turns of a jsonl of conversations")
     p.add_argument("shard")
     p.add_argument("--out", required=True)
-    p.add_argument("--settings", required=True, help="JSON of GenerateSettings less the model")
+    p.add_argument("--settings", required=True,
+                   help="JSON of GenerateSettings less the model; config_key: the caller's config section")
     p.add_argument("--pool-spec", required=True, help="JSON of modelmake.serve.PoolSpec")
     p.add_argument("--pool-folder", required=True, help="the pool's folder (a subfolder per host)")
     p.add_argument("--pool-logs", required=True, help="the pool's log folder (a subfolder per host)")
