@@ -69,7 +69,7 @@ def full_path(args) -> dict:
                     dtype="float32", enforce_eager=True, cpu_threads_per_server=max(1, os.cpu_count() // args.servers))
     settings = GenerateSettings(
         model="teacher", sampling=Sampling(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True),
-        max_conversation_tokens=512, concurrency=args.concurrency)
+        config_key=None, max_conversation_tokens=512, concurrency=args.concurrency)
     records = [{"id": str(i), "messages": m} for i, m in enumerate(prompts(args.prompts))]
     with tempfile.TemporaryDirectory() as tmp, \
             lease(spec, Path(tmp) / "pool", Path(tmp) / "logs", ready_timeout_s=900, idle_s=1) as proxy:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from modelmake.distill import data, hybrid, losses
 from modelmake.distill.service import Layout, ProtocolError, Spec, check_specs
+from modelmake.procs import free_port
 
 
 def tiny_llama(heads=4, kv_heads=2, layers=2, vocab=97, seed=0):
@@ -192,12 +192,6 @@ def test_layout_places_a_teacher_before_its_trainers():
     assert [lay.role(r) for r in (0, 1, 3, 4, 7)] == [
         ("teacher", 0, -1), ("trainer", 0, 0), ("trainer", 0, 2), ("teacher", 1, -1), ("trainer", 1, 5)]
     assert lay.trainers() == [1, 2, 3, 5, 6, 7]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _member(rank: int, port: int, batch: int, folder: str, q) -> None:

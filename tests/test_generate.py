@@ -1,4 +1,4 @@
-"""generate.py without vLLM: turn-by-turn relabelling, truncation, retries, failure share, resume.
+"""generate.py without vLLM: turn-by-turn generation, truncation, retries, failure share, resume.
 
 The real teacher server is vLLM. These unit tests need failures on demand (503s, 400s, exact token
 counts), so they talk to ``FakeChatServer``, a small in-process stand-in for vLLM's OpenAI chat
@@ -113,7 +113,7 @@ def fake_server(monkeypatch):
 
 def settings(**overrides) -> GenerateSettings:
     base = dict(model="teacher", sampling=Sampling(temperature=0.7, top_p=0.9, max_tokens=64, seed=3),
-                teacher_source={"asset": "tiny-llama"}, concurrency=4, retries=2, backoff_s=0.001,
+                config_key="pseudo_labels", teacher_source={"asset": "tiny-llama"}, concurrency=4, retries=2, backoff_s=0.001,
                 request_timeout_s=10.0, max_failure_share=0.0)
     base.update(overrides)
     return GenerateSettings(**base)
@@ -147,7 +147,7 @@ def refuse_server():
     return cm
 
 
-# ---------------------------------------------------------------- turn by turn relabelling
+# ---------------------------------------------------------------- turn by turn generation
 
 
 def test_every_user_turn_is_answered_in_order_with_the_previous_generated_answers(tmp_path, fake_server):
@@ -329,6 +329,40 @@ def test_too_many_failures_raise_generation_error_keep_successes_in_the_journal_
     assert [r["id"] for r in read_rows(out)] == ids
 
 
+def failure_share_error(tmp_path: Path, fake_server, s: GenerateSettings) -> str:
+    fake_server.bad_marker = "POISON"
+    shard = write_shard(tmp_path / "prompts.jsonl", [{"id": "a", "messages": conv("POISON question a")}])
+    with pytest.raises(GenerationError) as err:
+        generate_shard(shard, tmp_path / "out.jsonl", fake_server.factory(), s, show_progress=False)
+    return str(err.value)
+
+
+def test_a_failure_share_error_names_the_callers_config_key(tmp_path, fake_server):
+    message = failure_share_error(tmp_path, fake_server, settings(config_key="arena.response_pairs"))
+    assert "more than arena.response_pairs.max_failure_share=0.0" in message
+    assert "raise arena.response_pairs.max_failure_share" in message
+    assert "pseudo_labels" not in message
+
+
+def test_settings_json_without_config_key_name_no_callers_section(tmp_path, fake_server):
+    # a rule command line from before config_key: it still works, and names no pipeline's section
+    s = GenerateSettings.from_dict("teacher", {"sampling": {"max_tokens": 8}, "max_failure_share": 0.0})
+    assert s.config_key is None
+    message = failure_share_error(tmp_path, fake_server, s)
+    assert "raise the generation settings' max_failure_share" in message
+    assert "pseudo_labels" not in message
+
+
+def test_settings_json_of_a_rule_becomes_the_settings(tmp_path):
+    opts = {"sampling": {"temperature": 0.7, "max_tokens": 8, "seed": 1}, "config_key": "selfplay",
+            "teacher_source": {"asset": "tiny-llama"}, "concurrency": 2}
+    s = GenerateSettings.from_dict("student", opts)
+    assert (s.model, s.config_key, s.sampling, s.concurrency) == (
+        "student", "selfplay", Sampling(temperature=0.7, max_tokens=8, seed=1), 2)
+    assert opts["sampling"] == {"temperature": 0.7, "max_tokens": 8, "seed": 1}  # the caller's dict untouched
+    assert s.key("max_failure_share") == "selfplay.max_failure_share"
+
+
 # ---------------------------------------------------------------- resume from the journal
 
 
@@ -391,7 +425,7 @@ def test_a_record_whose_input_changed_is_not_reused_from_the_journal(tmp_path, f
     out = tmp_path / "out" / "shard0.jsonl"
     generate_shard(shard, out, fake_server.factory(), settings(), show_progress=False)
     # b's question changes under the same id: the journal must not hand back the old answer;
-    # a's original assistant turn changes, which relabelling ignores: a is still reused
+    # a's original assistant turn changes, which generation ignores: a is still reused
     write_shard(shard, [{"id": "a", "messages": conv("question a", "x")},
                         {"id": "b", "messages": conv("an edited question b", "x")}])
     fake_server.requests.clear()
@@ -444,5 +478,6 @@ def test_fingerprint_follows_what_is_generated_not_how_fast():
     ]
     assert all(c.fingerprint() != fp for c in changed)
     same = [settings(concurrency=64), settings(retries=0), settings(backoff_s=3.0),
-            settings(request_timeout_s=1.0), settings(max_failure_share=0.5)]
+            settings(request_timeout_s=1.0), settings(max_failure_share=0.5),
+            settings(config_key="arena.response_pairs")]
     assert all(c.fingerprint() == fp for c in same)

@@ -18,7 +18,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from modelmake import serve
+from modelmake import procs, serve
 from modelmake.errors import ServiceError
 from modelmake.files import write_json
 
@@ -26,7 +26,7 @@ from modelmake.files import write_json
 def test_live_leases_counts_live_processes_and_drops_dead_or_reused_pids(tmp_path):
     leases = tmp_path / serve.LEASES
     leases.mkdir()
-    (leases / str(os.getpid())).write_text(serve.start_time(os.getpid()))
+    (leases / str(os.getpid())).write_text(procs.start_time(os.getpid()))
     (leases / str(os.getppid())).write_text("123")  # a live pid, but another start time: reused
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -112,7 +112,7 @@ class StandInBackend(http.server.ThreadingHTTPServer):
 
 def test_traefik_balances_round_robin_and_routes_around_a_dead_server(tmp_path):
     a, b = StandInBackend("a"), StandInBackend("b")
-    port, ping = serve.free_port(), serve.free_port()
+    port, ping = procs.free_port(), procs.free_port()
     static = serve.traefik_config(tmp_path, port, ping, [a.url, b.url], interval_s=0.5)
     proc = subprocess.Popen([serve.traefik_binary(), f"--configFile={static}"],
                             stdout=open(tmp_path / "traefik.log", "wb"), stderr=subprocess.STDOUT)

@@ -1,4 +1,4 @@
-"""modelmake.shard: deterministic (partition, shard) placement by a stable hash of the record id."""
+"""modelmake.pseudo_labels.shard: deterministic (partition, shard) placement by a stable hash of the id."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from modelmake.shard import place, shard_name, write_partition
+from modelmake.pseudo_labels.shard import place, shard_name, write_partition
 
 SCHEMA = pa.schema([
     ("id", pa.string()),

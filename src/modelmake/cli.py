@@ -17,7 +17,7 @@ from pathlib import Path
 
 from modelmake.errors import UserError
 
-PIPELINES = ("router", "selfplay", "arena", "distill")
+PIPELINES = ("pseudo_labels", "router", "selfplay", "arena", "distill")
 
 
 def cmd_check_config(a) -> None:
@@ -48,13 +48,6 @@ def cmd_build_model(a) -> None:
     build_tiny_llama(a.tokenizer, a.corpora, a.out, seed=a.seed, **json.loads(a.arch))
 
 
-def cmd_shard(a) -> None:
-    from modelmake.shard import write_partition
-
-    layout = write_partition(a.parquet, a.out, a.part, a.partitions, a.shards)
-    logging.info("partition %d: %s records per shard", a.part, layout["records"])
-
-
 def cmd_serve(a) -> None:
     from modelmake.serve import PoolSpec, run_pool
 
@@ -65,7 +58,7 @@ def cmd_serve(a) -> None:
 def cmd_generate(a) -> None:
     import socket
 
-    from modelmake.generate import GenerateSettings, Sampling, generate_shard
+    from modelmake.generate import GenerateSettings, generate_shard
     from modelmake.serve import PoolSpec, lease
 
     spec = PoolSpec(**json.loads(a.pool_spec))
@@ -78,15 +71,8 @@ def cmd_generate(a) -> None:
                    ready_timeout_s=a.ready_timeout, idle_s=a.idle_timeout) as proxy:
             yield proxy["url"]
 
-    settings = GenerateSettings(model=spec.served_name, sampling=Sampling(**opts.pop("sampling")), **opts)
+    settings = GenerateSettings.from_dict(spec.served_name, opts)
     generate_shard(a.shard, a.out, server, settings)
-
-
-def cmd_merge(a) -> None:
-    from modelmake.merge import merge_shards
-
-    stats = merge_shards(a.shards, a.out, a.stats, a.plot, config=json.loads(a.config))
-    logging.info("merged: %d ok, %d failed, %d tokens", stats["ok"], stats["failed"], stats["completion_tokens"])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -119,14 +105,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_build_model)
 
-    p = sub.add_parser("shard", help="write one partition's shards")
-    p.add_argument("parquet")
-    p.add_argument("--out", required=True)
-    p.add_argument("--part", type=int, required=True)
-    p.add_argument("--partitions", type=int, required=True)
-    p.add_argument("--shards", type=int, required=True)
-    p.set_defaults(func=cmd_shard)
-
     p = sub.add_parser("serve", help="supervise vLLM servers behind a Traefik proxy while leased")
     p.add_argument("--folder", required=True, help="the pool folder (lock, leases, readiness files)")
     p.add_argument("--log-dir", required=True)
@@ -135,24 +113,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=15, help="stop after this long without a lease")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("generate", help="pseudo-label one shard through a serving pool")
+    p = sub.add_parser("generate", help="generate the assistant turns of a jsonl of conversations")
     p.add_argument("shard")
     p.add_argument("--out", required=True)
-    p.add_argument("--settings", required=True, help="JSON of GenerateSettings less the model")
+    p.add_argument("--settings", required=True,
+                   help="JSON of GenerateSettings less the model; config_key: the caller's config section")
     p.add_argument("--pool-spec", required=True, help="JSON of modelmake.serve.PoolSpec")
     p.add_argument("--pool-folder", required=True, help="the pool's folder (a subfolder per host)")
     p.add_argument("--pool-logs", required=True, help="the pool's log folder (a subfolder per host)")
     p.add_argument("--ready-timeout", type=float, default=900)
     p.add_argument("--idle-timeout", type=float, default=15)
     p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("merge", help="pseudo-label shards -> parquet, stats and plot")
-    p.add_argument("shards", nargs="+")
-    p.add_argument("--out", required=True)
-    p.add_argument("--stats", required=True)
-    p.add_argument("--plot", required=True)
-    p.add_argument("--config", default="{}", help="JSON of the config slice to record")
-    p.set_defaults(func=cmd_merge)
 
     # Each pipeline package adds its own subcommands (modelmake.<pipeline>.cli.add_commands), so
     # pipelines never edit this file; their modules import torch and friends lazily, in the commands.

@@ -22,4 +22,4 @@ class ServiceError(UserError):
 
 
 class GenerationError(UserError):
-    """Too many records of a shard failed to generate."""
+    """Too many records of a generation input (a shard, prompts, a fraction) failed to generate."""

@@ -1,8 +1,10 @@
-"""Pseudo-labels: re-generate every assistant turn of a shard through the OpenAI chat endpoint.
+"""Generation: answer every user turn of a jsonl file of conversations through the OpenAI chat endpoint.
 
-The one client path of modelmake: async HTTP with bounded concurrency, retries with exponential
-backoff on connection errors, 429 and 5xx, and per-record error isolation. The server applies the
-model's own chat template (no templates here).
+Shared by every pipeline that generates (a pseudo-label shard, the arena's prompts, a self-play
+fraction); the caller's config section is ``GenerateSettings.config_key``, so that errors name the
+setting to change. The one client path of modelmake: async HTTP with bounded concurrency, retries
+with exponential backoff on connection errors, 429 and 5xx, and per-record error isolation. The
+server applies the model's own chat template (no templates here).
 
 Resume without loss or duplicates: every finished record (success or failure) is appended, with a
 fingerprint of the generation settings, to a journal beside the output
@@ -45,13 +47,33 @@ class Sampling:
 class GenerateSettings:
     model: str  # the served model name
     sampling: Sampling
-    teacher_source: dict | None = None  # what identifies the teacher's weights (path or asset)
+    # the caller's config section ("pseudo_labels", "arena.response_pairs", "selfplay"): errors name
+    # its keys; None only for settings that predate it (errors then say "the generation settings'")
+    config_key: str | None
+    teacher_source: dict | None = None  # what identifies the served model's weights (path or asset)
     max_conversation_tokens: int = 4096
     concurrency: int = 8
     retries: int = 4
     backoff_s: float = 0.5
     request_timeout_s: float = 300.0
     max_failure_share: float = 0.05
+
+    @classmethod
+    def from_dict(cls, model: str, opts: dict) -> GenerateSettings:
+        """The settings JSON a rule passes (``--settings``: sampling, config_key, ...) for ``model``.
+
+        ``config_key`` is expected; a command line written before it existed still works, and its
+        errors then name "the generation settings'" keys instead of a config key.
+        """
+        opts = dict(opts)
+        sampling = Sampling(**opts.pop("sampling"))
+        if "config_key" not in opts:
+            log.warning("the generation settings carry no config_key: errors cannot name the config section")
+        return cls(model=model, sampling=sampling, **{"config_key": None, **opts})
+
+    def key(self, name: str) -> str:
+        """How an error names the setting ``name``: ``<config_key>.<name>``, the key the user edits."""
+        return f"{self.config_key}.{name}" if self.config_key else f"the generation settings' {name}"
 
     def fingerprint(self) -> str:
         """What makes a generated record reusable: the model and how it samples."""
@@ -69,7 +91,7 @@ def journal_path(out: Path) -> Path:
 
 
 def input_digest(messages: list[dict]) -> str:
-    """What a journal record was generated from (its non-assistant turns, the ones relabel sends), so
+    """What a journal record was generated from (its non-assistant turns, the ones answer_turns sends), so
     that a record edited under the same id is not reused."""
     used = [[m["role"], m["content"]] for m in messages if m["role"] != "assistant"]
     return hashlib.sha256(json.dumps(used, ensure_ascii=False).encode()).hexdigest()[:16]
@@ -120,11 +142,11 @@ async def chat(client, url: str, body: dict, s: GenerateSettings) -> dict:
     raise RequestFailed(f"gave up after {s.retries + 1} attempts; last error: {err}")
 
 
-async def relabel(client, url: str, rec: dict, s: GenerateSettings) -> dict:
-    """Answer every user turn of one conversation with the teacher, turn by turn.
+async def answer_turns(client, url: str, rec: dict, s: GenerateSettings) -> dict:
+    """Answer every user turn of one conversation with the served model, turn by turn.
 
-    The original assistant turns are dropped and replaced by the teacher's answers, so each answer
-    sees the teacher's own earlier answers. Generation stops when the conversation reaches
+    The original assistant turns are dropped and replaced by the model's answers, so each answer
+    sees the model's own earlier answers. Generation stops when the conversation reaches
     ``max_conversation_tokens`` (prompt plus answers); the turns after that point are dropped.
     """
     history: list[dict] = []
@@ -181,7 +203,7 @@ async def generate_records(
                 meta = {"model": s.model, "fingerprint": fingerprint, "input": input_digest(rec["messages"]),
                         "sampling": asdict(s.sampling)}
                 try:
-                    res = await relabel(client, url, rec, s)
+                    res = await answer_turns(client, url, rec, s)
                     row = {"id": rec["id"], "messages": res.pop("messages"),
                            "generation": {**meta, **res, "seconds": round(time.time() - started, 3)}}
                     ok += 1
@@ -201,7 +223,8 @@ async def generate_records(
 def generate_shard(
     shard: str | Path, out: str | Path, server, settings: GenerateSettings, show_progress=True
 ) -> dict:
-    """Generate one shard into ``out`` (jsonl), resuming from its journal; return the counts.
+    """Generate one jsonl file of conversations (a shard) into ``out`` (jsonl), resuming from its
+    journal; return the counts.
 
     ``server`` is a context manager factory yielding the server's base URL; it is entered only
     when something is left to generate (a shard fully in its journal needs no server).
@@ -252,11 +275,12 @@ def generate_shard(
     }
     if records and total_failed / len(records) > settings.max_failure_share:
         example = next(r["error"] for r in results.values() if "error" in r)
+        key = settings.key("max_failure_share")
         raise GenerationError(
-            f"{total_failed} of {len(records)} records of {shard} failed "
-            f"(more than pseudo_labels.max_failure_share={settings.max_failure_share}); "
-            f"first error: {example}. Check the server logs; successful records are kept in {jpath} "
-            f"and a rerun retries only the failed ones."
+            f"{total_failed} of {len(records)} records of {shard} failed to generate "
+            f"(more than {key}={settings.max_failure_share}); first error: {example}. "
+            f"Check the server logs, or raise {key} to accept more failures; successful records are "
+            f"kept in {jpath} and a rerun retries only the failed ones."
         )
     with atomic_open(out) as f:
         for rid in order:

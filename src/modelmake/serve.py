@@ -18,21 +18,19 @@ measured and dropped). Every consumer job enters :func:`lease`:
 The supervisor (:func:`run_pool`) stops every process it started, by process group, once no live
 lease has been held for ``idle_s`` seconds (consumers finished, failed, were killed or Ctrl-C'd),
 on SIGTERM/SIGINT, or when every server has died; a server that dies alone is routed around.
-Children get ``PR_SET_PDEATHSIG`` so even a SIGKILL of the supervisor takes them down.
+Children get ``PR_SET_PDEATHSIG`` (:func:`modelmake.procs.start_in_group`) so even a SIGKILL of the
+supervisor takes them down.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,27 +41,15 @@ from pathlib import Path
 
 from modelmake.errors import ServiceError
 from modelmake.files import read_json, write_json
+from modelmake.procs import free_port, locked, start_in_group, start_time, stop_process_groups
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 STATE, PROXY_READY, LOCK, LEASES = "state.json", "proxy.ready", "lock", "leases"
 
 
 def server_ready_name(i: int) -> str:
     return f"server{i}.ready"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
@@ -184,12 +170,7 @@ class Pool:
         self.servers: list[dict] = []
 
     def _start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        logf = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **env}, preexec_fn=_die_with_parent,
-        )
-        logf.close()
+        proc = start_in_group(cmd, self.log_dir / f"{name}.log", {**os.environ, **env})
         self.procs.append((name, proc))
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
         return proc
@@ -203,7 +184,7 @@ class Pool:
     def idle(self) -> bool:
         """True once no live lease has been held for idle_s. The pool files are then removed
         under the lock, so a consumer arriving now starts a new pool instead of joining this one."""
-        with locked(self.folder):
+        with locked(self.folder / LOCK):
             if live_leases(self.folder):
                 self.idle_since = None
                 return False
@@ -273,50 +254,8 @@ class Pool:
         log.info("pool stopped")
 
 
-def stop_process_groups(procs: list[tuple[str, subprocess.Popen]], grace_s: float) -> None:
-    """Stop processes started with ``start_new_session=True``, each with its whole process group:
-    SIGTERM to every group, wait up to ``grace_s`` in all, then SIGKILL whatever is left of each group
-    (a group may hold grandchildren, vLLM's engine core, even after its leader exited)."""
-    for _name, p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace_s
-    for name, p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) ignored SIGTERM; killing it", name, p.pid)
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
-
-
 def spec_hash(spec: PoolSpec) -> str:
     return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (None when it is gone or a zombie)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else fields[19]
-
-
-@contextlib.contextmanager
-def locked(folder: Path):
-    with open(folder / LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def live_leases(folder: Path) -> int:
@@ -374,11 +313,11 @@ def run_pool(spec: PoolSpec, folder: str | Path, log_dir: str | Path, ready_time
     except PoolIdle:
         stop_reason.append(f"no lease for {idle_s:g} s during start-up")
     except KeyboardInterrupt:
-        with locked(folder):
+        with locked(folder / LOCK):
             clear_pool_files(folder)
     except ServiceError as e:
         log.error("%s", e)
-        with locked(folder):
+        with locked(folder / LOCK):
             clear_pool_files(folder)
             pool.state("failed", error=str(e))
         code = 1
@@ -397,7 +336,7 @@ def lease(spec: PoolSpec, folder: str | Path, log_dir: str | Path, *, ready_time
     log_dir.mkdir(parents=True, exist_ok=True)
     me = folder / LEASES / str(os.getpid())
     want = spec_hash(spec)
-    with locked(folder):
+    with locked(folder / LOCK):
         st = read_json(folder / STATE) if (folder / STATE).exists() else None
         running = st is not None and st["status"] != "failed" and start_time(st["supervisor_pid"]) is not None
         if running and st["spec_hash"] != want:
@@ -410,9 +349,7 @@ def lease(spec: PoolSpec, folder: str | Path, log_dir: str | Path, *, ready_time
             cmd = [sys.executable, "-m", "modelmake", "serve", "--folder", str(folder),
                    "--log-dir", str(log_dir), "--spec", json.dumps(asdict(spec)),
                    "--ready-timeout", str(ready_timeout_s), "--idle-timeout", str(idle_s)]
-            with open(log_dir / "supervisor.log", "ab") as logf:
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = start_in_group(cmd, log_dir / "supervisor.log", with_parent=False)
             write_json(folder / STATE, {"status": "starting", "supervisor_pid": proc.pid,
                                         "spec_hash": want, "log_dir": str(log_dir)})
             log.info("started a serving pool (supervisor pid %d), log in %s", proc.pid, log_dir)

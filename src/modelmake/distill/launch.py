@@ -27,7 +27,7 @@ from pathlib import Path
 
 from modelmake.errors import ServiceError, UserError
 from modelmake.files import read_json, write_json
-from modelmake.serve import _die_with_parent, free_port, stop_process_groups
+from modelmake.procs import free_port, log_tail, start_in_group, stop_process_groups
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,6 @@ SRC = str(Path(__file__).resolve().parents[2])  # the folder holding the modelma
 
 class TrainingError(UserError):
     """A process of a distillation stage failed; the others were stopped."""
-
-
-def tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool = False) -> None:
@@ -96,10 +89,8 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool 
             if gpu:
                 env["CUDA_VISIBLE_DEVICES"] = visible[rank]
             logf = log_dir / f"{name}.log"
-            with open(logf, "wb") as f:
-                p = subprocess.Popen([sys.executable, "-m", "modelmake.distill.train", str(job_path)],
-                                     stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     preexec_fn=_die_with_parent)
+            p = start_in_group([sys.executable, "-m", "modelmake.distill.train", str(job_path)], logf, env,
+                               append=False)
             procs.append((name, p, logf))
             log.info("started %s (rank %d, pid %d), log %s", name, rank, p.pid, logf)
         started = time.monotonic()
@@ -113,7 +104,7 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool 
                 stop_all()
                 raise TrainingError(
                     f"{name} exited with code {code}; stopped the other {len(procs) - 1} processes of the stage. "
-                    f"Its log ({logf}) ends:\n{tail(logf)}")
+                    f"Its log ({logf}) ends:\n{log_tail(logf)}")
             if all(c == 0 for _, c, _ in codes):
                 break
             if ready and not seen_ready:

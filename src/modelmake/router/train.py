@@ -25,13 +25,13 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from modelmake.errors import UserError
 from modelmake.files import write_json
+from modelmake.procs import free_port
 from modelmake.router.tokens import LABEL_TOKENS, ROUTER_JSON, add_label_tokens
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,6 @@ DEFAULTS = {
     # activations do not fit (a large base model on GPU)
     "gradient_checkpointing": False,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_process_group_env() -> None:
