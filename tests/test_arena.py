@@ -253,13 +253,17 @@ def test_export_reproduces_the_validation_predictions(classifier_dir, tmp_path):
 
 
 def test_config_cross_checks_name_the_key():
-    from modelmake.arena.checks import cross_checks
     from conftest import demo_config
+
+    from modelmake.config import validate
+    from modelmake.errors import ConfigError
 
     c = demo_config()
     c["arena"].update(bases=["arena_a", "nope"], valid_fold=7, folds=5)
     c["arena"]["template"] = {"max_length": 160}
-    problems = cross_checks(c)
+    with pytest.raises(ConfigError) as e:
+        validate(c, check_paths=False)
+    problems = str(e.value).splitlines()
     assert any("arena.bases[1]: 'nope' is not a key of models" in p for p in problems)
     assert any("arena.valid_fold: 7" in p for p in problems)
     assert any("arena.pseudo.weights: no weight for base 'nope'" in p for p in problems)
