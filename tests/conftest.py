@@ -46,9 +46,9 @@ def small_config(workdir: Path, **overrides) -> dict:
     return c
 
 
-def write_config(workdir: Path, config: dict) -> Path:
+def write_config(workdir: Path, config: dict, name: str = "config.yaml") -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "config.yaml"
+    path = workdir / name
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     return path
 
@@ -59,14 +59,15 @@ def env() -> dict:
     return e
 
 
-def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
+def snakemake_cmd(workdir: Path, *args: str, configfile: str = "config.yaml") -> list[str]:
     return [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+            "--configfile", str(workdir / configfile), "--cores", "2", *args]
 
 
-def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: float = 1200):
+def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: float = 1200,
+                  configfile: str = "config.yaml"):
     """Run Snakemake to completion; return the CompletedProcess (stdout and stderr merged)."""
-    proc = subprocess.run(snakemake_cmd(workdir, *args), cwd=workdir, env=env(), text=True,
+    proc = subprocess.run(snakemake_cmd(workdir, *args, configfile=configfile), cwd=workdir, env=env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
