@@ -76,12 +76,50 @@ def test_compute_loss_is_the_nnpu_loss_of_the_sequence_logps(tiny):
     assert loss.requires_grad
 
 
-def test_training_an_iteration_saves_a_complete_model_and_resumes_nothing_stale(tiny):
+class Killed(Exception):
+    pass
+
+
+def killed_run(monkeypatch, dataset, start, out, ckpt, settings):
+    """An iteration killed after its last checkpoint, before its model folder was saved: what a
+    killed job leaves in the checkpoint folder (complete ``checkpoint-N``, and whatever the trainer
+    records beside it)."""
+    import modelmake.training
+    from modelmake.selfplay.train import train_iteration
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(modelmake.training, "save_model_folder", kill)
+        with pytest.raises(Killed):
+            train_iteration(dataset, start, out, ckpt_dir=ckpt, settings=settings, seed=0,
+                            loss_png=out.parent / "loss.png")
+    done = sorted(ckpt.glob("checkpoint-*/trainer_state.json"))
+    assert done, "the killed run left no complete checkpoint"
+    return done[-1].parent
+
+
+def kto_rows(n_ids: int, answer: str = "answer") -> list[dict]:
+    rows = []
+    for i in range(n_ids):
+        prompt = [{"role": "user", "content": f"question {i} about topic {i % 5}?"}]
+        rows.append({"id": str(i), "prompt": prompt, "completion": [{"role": "assistant", "content": f"{answer} {i}"}],
+                     "label": True, "source": "real"})
+        rows.append({"id": str(i), "prompt": prompt, "completion": [{"role": "assistant", "content": "no idea"}],
+                     "label": False, "source": "generated"})
+    return rows
+
+
+def test_training_an_iteration_saves_a_complete_model_and_resumes_nothing_stale(tiny, monkeypatch):
     from modelmake.selfplay.train import train_iteration
 
     settings = {"beta": 0.1, "prior": 0.3, "learning_rate": 1e-3, "epochs": 1, "batch_size": 4, "save_steps": 2}
     ckpt = tiny / "it0" / "ckpt"
-    (ckpt / "checkpoint-99").mkdir(parents=True)  # a stale checkpoint of other settings
+    # a complete stale checkpoint of other settings: batch 2 makes 8 steps, so it is checkpoint-8
+    stale = killed_run(monkeypatch, tiny / "kto.parquet", tiny / "model", tiny / "it0" / "model", ckpt,
+                       {**settings, "batch_size": 2})
+    assert stale.name == "checkpoint-8"
     counts = train_iteration(tiny / "kto.parquet", tiny / "model", tiny / "it0" / "model", ckpt_dir=ckpt,
                              settings=settings, seed=0, loss_png=tiny / "it0" / "loss.png")
     assert counts["steps"] == 4  # 16 rows / 4 from step 0: the stale checkpoint was not resumed
@@ -89,3 +127,22 @@ def test_training_an_iteration_saves_a_complete_model_and_resumes_nothing_stale(
     assert "model.safetensors" in manifest and "tokenizer_config.json" in manifest
     assert not ckpt.exists()
     assert (tiny / "it0" / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_killed_iteration_rerun_after_its_data_changed_does_not_resume_the_old_checkpoint(tiny, monkeypatch):
+    import pandas as pd
+
+    from modelmake.selfplay.train import train_iteration
+
+    settings = {"beta": 0.1, "prior": 0.3, "learning_rate": 1e-3, "epochs": 1, "batch_size": 4, "save_steps": 2}
+    root = tiny / "it1"
+    root.mkdir()
+    data, ckpt, out = root / "train.parquet", root / "ckpt", root / "model"
+    pd.DataFrame(kto_rows(8)).to_parquet(data)  # 16 rows: 4 steps, killed with checkpoint-4
+    assert killed_run(monkeypatch, data, tiny / "model", out, ckpt, settings).name == "checkpoint-4"
+    # the previous step reran with other results: new data at the same path (8 rows: 2 steps)
+    pd.DataFrame(kto_rows(4, answer="another answer")).to_parquet(data)
+    counts = train_iteration(data, tiny / "model", out, ckpt_dir=ckpt, settings=settings, seed=0,
+                             loss_png=root / "loss.png")
+    assert counts["steps"] == 2  # 8 rows / 4 from step 0, not the old data's checkpoint-4
+    assert counts["examples"] == 8

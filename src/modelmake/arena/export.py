@@ -4,8 +4,8 @@ validation predictions; and the two-model ensemble folder.
 A folder is built under ``<out>.tmp``; its own ``predict.py`` is then run (a separate process, as a
 user would) on the validation fold, and its predictions are compared with the trained model's
 (``eval/stage3/{base}.parquet``): the export fails when they differ by more than the tolerance
-(fp16 rounding of the weights is all that should differ). ``manifest.json`` is written last and the
-folder renamed into place.
+(fp16 rounding of the weights is all that should differ). ``training.finish_model_folder`` then
+writes provenance and, last, ``manifest.json``, and renames the folder into place.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from modelmake.errors import UserError
-from modelmake.files import sha256_file, write_json, write_provenance
-from modelmake.training import MANIFEST
+from modelmake.files import write_json
+from modelmake.training import finish_model_folder, new_model_folder
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,15 +51,6 @@ def compare(expected, got, tolerance: float, what: str) -> float:
     return diff
 
 
-def finish(tmp: Path, out: Path) -> None:
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    write_json(tmp / MANIFEST, {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                                for p in files})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def valid_pairs(labelled: str, valid_fold: int, tmp: Path) -> tuple:
     import pandas as pd
 
@@ -80,9 +71,7 @@ def export_model(model_dir: str, labelled: str, valid_fold: int, stage_eval: str
 
     started = time.time()
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = new_model_folder(out)
     tok = load_tokenizer(model_dir)
     model = load_classifier(model_dir, tok).to(torch.float16)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -103,12 +92,11 @@ def export_model(model_dir: str, labelled: str, valid_fold: int, stage_eval: str
     check = {"max_abs_diff_vs_trained": diff, "tolerance": tolerance,
              "metrics": metrics(got["p_a"], valid["winner"]), "dtype": "float16",
              "command": "python predict.py --input <pairs.parquet> --out <preds.parquet>"}
-    write_json(tmp / "reproduce.json", check)
     source = Path(model_dir) / "provenance.json"
-    write_provenance(tmp, config={"valid_fold": valid_fold, "tolerance": tolerance,
-                                  "source": read_json(source)["config"] if source.exists() else None},
-                     inputs=[model_dir, labelled, stage_eval], counts=check, started=started)
-    finish(tmp, out)
+    finish_model_folder(tmp, out, config={"valid_fold": valid_fold, "tolerance": tolerance,
+                                          "source": read_json(source)["config"] if source.exists() else None},
+                        inputs=[model_dir, labelled, stage_eval], counts=check, started=started,
+                        extra={"reproduce.json": check})
     return check
 
 
@@ -125,9 +113,7 @@ def export_ensemble(models: list[str], weights: list[float], confident_margin: f
         raise ExportError(f"the ensemble takes two models and two weights, got {models} and {weights}; "
                           f"fix arena.ensemble")
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = new_model_folder(out)
     spec = {"models": [os.path.relpath(m, out) for m in models], "weights": weights,
             "confident_margin": confident_margin}
     write_json(tmp / "ensemble.json", spec)
@@ -145,7 +131,6 @@ def export_ensemble(models: list[str], weights: list[float], confident_margin: f
     check = {"max_abs_diff_vs_trained": diff, "tolerance": tolerance, "confident_rows": int(confident),
              "metrics": metrics(got["p_a"], valid["winner"]),
              "command": "python predict.py --input <pairs.parquet> --out <preds.parquet>"}
-    write_json(tmp / "reproduce.json", check)
-    write_provenance(tmp, config=spec, inputs=[*models, labelled, *stage_evals], counts=check, started=started)
-    finish(tmp, out)
+    finish_model_folder(tmp, out, config=spec, inputs=[*models, labelled, *stage_evals], counts=check,
+                        started=started, extra={"reproduce.json": check})
     return check

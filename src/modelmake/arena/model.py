@@ -8,16 +8,12 @@ one-hot case), with the HF Trainer so that a killed stage resumes from its last 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from modelmake.arena.template import TemplateSettings, build_input
-from modelmake.files import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -95,35 +91,23 @@ def training_rows(df, tokenizer, ts: TemplateSettings, swap_augment: bool) -> li
     return rows
 
 
-def ckpt_fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def prepare_ckpt_dir(ckpt: Path, fingerprint: str) -> None:
-    """Checkpoints of a run with other settings or inputs are not resumed: they are removed."""
-    marker = ckpt / "fingerprint.json"
-    if ckpt.exists() and (not marker.exists() or read_json(marker).get("fingerprint") != fingerprint):
-        log.info("%s holds checkpoints of other settings or inputs: starting afresh", ckpt)
-        shutil.rmtree(ckpt)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"fingerprint": fingerprint})
-
-
 def train(init: str | Path, train_df, ckpt: str | Path, ts: TemplateSettings, s: TrainSettings,
-          seed: int, fingerprint: str):
+          seed: int, key: str):
     """Train a classifier from ``init`` on ``train_df`` (prompt, response_a, response_b, p_a).
 
     Checkpoints go to ``ckpt`` (kept when the job fails, so a rerun resumes from the last complete
-    one). Returns (model, tokenizer, log_history, counts).
+    one); ``key`` (``training.checkpoint_key`` of the stage's settings and inputs) says which run
+    they belong to: checkpoints of another are removed, not resumed. Returns (model, tokenizer,
+    log_history, counts).
     """
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from modelmake.training import resume_checkpoint, seed_everything
+    from modelmake.training import prepare_checkpoint_dir, seed_everything
 
     seed_everything(seed)
     ckpt = Path(ckpt)
-    prepare_ckpt_dir(ckpt, fingerprint)
+    resume = prepare_checkpoint_dir(ckpt, key)
     tok = load_tokenizer(init)
     model = load_classifier(init, tok)
     rows = training_rows(train_df, tok, ts, s.swap_augment)
@@ -148,7 +132,6 @@ def train(init: str | Path, train_df, ckpt: str | Path, ts: TemplateSettings, s:
     )
     trainer = SoftTrainer(model=model, args=args, train_dataset=rows,
                           data_collator=lambda b: collate(b, tok.pad_token_id))
-    resume = resume_checkpoint(ckpt)
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     counts = {"pairs": len(train_df), "examples": len(rows), "steps": trainer.state.global_step,

@@ -19,7 +19,7 @@ from modelmake.arena.evaluate import metrics
 from modelmake.arena.model import TrainSettings, hard_targets, predict, train
 from modelmake.arena.template import TemplateSettings
 from modelmake.errors import RecordError
-from modelmake.files import sha256_tree, write_json
+from modelmake.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def run_stage(*, init: str, labelled: str, pseudo: list[str], out: str, ckpt: st
               loss_png: str, settings: dict, seed: int, name: str) -> dict:
     import pandas as pd
 
-    from modelmake.training import plot_loss_curves, save_model_folder
+    from modelmake.training import checkpoint_key, plot_loss_curves, save_model_folder
 
     started = time.time()
     ts = TemplateSettings(**settings["template"])
@@ -77,10 +77,8 @@ def run_stage(*, init: str, labelled: str, pseudo: list[str], out: str, ckpt: st
                                        settings["valid_fold"], s.label_smoothing)
     check_no_leak(train_df, valid_df, name)
     inputs = [init, labelled, *pseudo]
-    fingerprint = {"settings": settings, "seed": seed, "inputs": {str(p): sha256_tree(p) for p in inputs}}
-    from modelmake.arena.model import ckpt_fingerprint
-
-    model, tok, history, counts = train(init, train_df, ckpt, ts, s, seed, ckpt_fingerprint(fingerprint))
+    key = checkpoint_key({"settings": settings, "seed": seed}, inputs)
+    model, tok, history, counts = train(init, train_df, ckpt, ts, s, seed, key)
 
     p_a = predict(model, tok, valid_df, ts)
     p_swap = predict(model, tok, valid_df, ts, swap=True)

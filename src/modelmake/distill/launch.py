@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 from modelmake.errors import ServiceError, UserError
-from modelmake.files import read_json, write_json
+from modelmake.files import write_json
 from modelmake.procs import free_port, log_tail, start_in_group, stop_process_groups
+from modelmake.training import checkpoint_key, prepare_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool 
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Path(job["ckpt"])
-    ckpt.mkdir(parents=True, exist_ok=True)
     ready_dir = Path(job["ready_dir"])
     ready_dir.mkdir(parents=True, exist_ok=True)
     for old in ready_dir.glob("group*.ready"):
@@ -53,13 +53,11 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool 
     service = job["teacher_mode"] == "service"
     world = layout.world_size if service else layout.groups * layout.ranks_per_group
     job = {**job, "backend": "nccl" if gpu else "gloo"}
+    # this supervisor is the only process that clears and marks the folder; the trainers it starts
+    # resume from what it kept (training.resume_checkpoint)
+    key = checkpoint_key(resume_settings(job), [job["teacher"], job["student"], *job["data"]])
+    prepare_checkpoint_dir(ckpt, key, rank=0)
     job_path = ckpt / "job.json"
-    fp = fingerprint(job)
-    if job_path.exists() and read_json(job_path).get("fingerprint") != fp:
-        log.info("settings or inputs changed since the checkpoints in %s were written: starting afresh", ckpt)
-        for old_ckpt in ckpt.glob("checkpoint-*"):
-            shutil.rmtree(old_ckpt, ignore_errors=True)
-    job["fingerprint"] = fp
     write_json(job_path, job)
     port = free_port()
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] if gpu else []
@@ -126,15 +124,9 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool 
     log.info("stage done: %s", job["out"])
 
 
-def fingerprint(job: dict) -> str:
-    """What a checkpoint must match to be resumed: settings, layout and the inputs' contents."""
-    import hashlib
-    import json
-
-    from modelmake.files import sha256_tree
-
+def resume_settings(job: dict) -> dict:
+    """What a checkpoint must match besides the inputs' contents to be resumed: settings (less the
+    test hooks) and layout."""
     keys = {k: job[k] for k in ("settings", "groups", "ranks_per_group", "teacher_mode", "backend")}
-    keys = {**keys, "settings": {k: v for k, v in job["settings"].items() if k not in ("fail_at_step", "teacher_exit_after")}}
-    inputs = {p: sha256_tree(Path(p) / "manifest.json") if (Path(p) / "manifest.json").exists() else sha256_tree(p)
-              for p in (job["teacher"], job["student"], *job["data"])}
-    return hashlib.sha256(json.dumps([keys, inputs], sort_keys=True).encode()).hexdigest()[:16]
+    return {**keys, "settings": {k: v for k, v in job["settings"].items()
+                                 if k not in ("fail_at_step", "teacher_exit_after")}}

@@ -86,11 +86,14 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, config: dict, tag: s
     if (checkpoint / "metrics.json").is_file():
         extra["metrics.json"] = read_json(checkpoint / "metrics.json")
     n_params = sum(t.numel() for t in state.values())
+
+    def copy_loss_curve(tmp: Path) -> None:
+        if (checkpoint / "loss.png").is_file():
+            shutil.copy(checkpoint / "loss.png", tmp / "loss.png")
+
     out = save_model_folder(out, model, tokenizer, config=config, inputs=[checkpoint],
                             counts={"tensors": len(state), "parameters": n_params,
                                     "verified_against_digest": digest_path.is_file()},
-                            started=started, extra=extra)
-    if (checkpoint / "loss.png").is_file():
-        shutil.copy(checkpoint / "loss.png", out / "loss.png")
+                            started=started, extra=extra, write=copy_loss_curve)
     log.info("consolidated %d tensors (%d parameters) from %s into %s", len(state), n_params, checkpoint, out)
     return {"tensors": len(state), "parameters": n_params}

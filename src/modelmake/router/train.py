@@ -9,7 +9,9 @@ Fixes against the seed's script:
 * the loss is on the assistant answer only (``[[k]]`` + EOS), from the template's
   ``{% generation %}`` mask (seed: the whole text, instruction included, padded to 2048);
 * resumable: the Trainer's checkpoints go to ``ckpt_dir`` (kept when the job fails) and a rerun
-  resumes from the last complete one.
+  with the same recipe (settings, DeepSpeed config, inputs by content) resumes from the last
+  complete one; after a config or data change it starts afresh (``training.prepare_checkpoint_dir``:
+  rank 0 clears and marks the folder, the other ranks wait for the mark).
 
 DeepSpeed ZeRO-3 runs from a JSON config (``config/router/zero3.json`` on CPU,
 ``zero3_offload.json`` with CPU offload on GPUs). DeepSpeed needs a process group even for one
@@ -24,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -99,34 +100,6 @@ def check_template(tokenizer: Any, conversation: list[dict]) -> None:
         )
 
 
-def same_run_checkpoints(ckpt_dir: Path, recipe: dict) -> None:
-    """Keep ``ckpt_dir`` only for the same recipe (settings, DeepSpeed config, input hashes): a rerun
-    after a kill resumes, a rerun after a config or data change starts afresh."""
-    import hashlib
-
-    from modelmake.files import read_json, sha256_tree
-
-    ident = {
-        **{k: v for k, v in recipe.items() if k not in ("inputs", "deepspeed")},
-        "deepspeed": None if recipe["deepspeed"] is None else Path(recipe["deepspeed"]).read_text(),
-        "inputs": [sha256_tree(p) for p in recipe["inputs"]],
-    }
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
-    stamp = ckpt_dir / "recipe.json"
-    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 decides; the others wait for its stamp
-        deadline = time.time() + 120
-        while not (stamp.is_file() and read_json(stamp).get("sha256") == digest):
-            if time.time() > deadline:
-                raise RuntimeError(f"rank 0 did not stamp {stamp}")
-            time.sleep(0.2)
-        return
-    if ckpt_dir.exists() and (not stamp.is_file() or read_json(stamp).get("sha256") != digest):
-        log.info("%s holds checkpoints of another recipe: starting afresh", ckpt_dir)
-        shutil.rmtree(ckpt_dir)
-    if not stamp.is_file():
-        write_json(stamp, {"sha256": digest})
-
-
 def check_lengths(tokenizer: Any, conversations: list[list[dict]], max_length: int) -> None:
     """Truncation would cut the answer off (TRL keeps the start): refuse examples longer than max_length."""
     lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
@@ -160,7 +133,7 @@ def train_router(
     from trl import SFTConfig, SFTTrainer
 
     from modelmake.training import (
-        plot_loss_curves, resume_checkpoint, save_model_folder, seed_everything,
+        checkpoint_key, plot_loss_curves, prepare_checkpoint_dir, save_model_folder, seed_everything,
     )
 
     started = time.time()
@@ -179,8 +152,10 @@ def train_router(
     eval_ds = Dataset.from_dict({"messages": to_list(eval_df)})
 
     ckpt_dir = Path(ckpt_dir)
-    same_run_checkpoints(ckpt_dir, {"settings": s, "seed": seed, "deepspeed": deepspeed, "config": config,
-                                    "inputs": [train_parquet, eval_parquet, base_model]})
+    inputs = [train_parquet, eval_parquet, base_model]
+    recipe = {"settings": s, "seed": seed, "config": config, "deepspeed": deepspeed is not None}
+    key = checkpoint_key(recipe, [*inputs, *([deepspeed] if deepspeed else [])])  # DeepSpeed config by content
+    resume = prepare_checkpoint_dir(ckpt_dir, key)
     args = SFTConfig(  # built before the model: with ZeRO-3 it makes from_pretrained shard the weights
         output_dir=str(ckpt_dir),
         num_train_epochs=s["epochs"],
@@ -222,7 +197,6 @@ def train_router(
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
-    resume = resume_checkpoint(ckpt_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
     metrics = {
@@ -233,12 +207,11 @@ def train_router(
     }
     router_json = {"system": system, "label_tokens": LABEL_TOKENS, "label_token_ids": label_ids}
     counts = {"train": len(train_ds), "eval": len(eval_ds), **metrics}
-    inputs = [train_parquet, eval_parquet, base_model]
     out = Path(out)
     if deepspeed is None:
         save_model_folder(out, trainer.model, tokenizer, config=config, inputs=inputs, counts=counts,
-                          started=started, extra={ROUTER_JSON: router_json, "metrics.json": metrics})
-        plot_loss_curves(history, out / "loss.png", title="router SFT")
+                          started=started, extra={ROUTER_JSON: router_json, "metrics.json": metrics},
+                          write=lambda tmp: plot_loss_curves(history, tmp / "loss.png", title="router SFT"))
     else:
         save_zero_checkpoint(trainer, tokenizer, out, router_json=router_json, metrics=metrics, history=history,
                              config=config, inputs=inputs, counts=counts, started=started)
@@ -272,17 +245,14 @@ def weights_digest(model: Any) -> dict:
 def save_zero_checkpoint(trainer: Any, tokenizer: Any, out: Path, *, router_json: dict, metrics: dict,
                          history: list, config: dict, inputs: list, counts: dict, started: float) -> None:
     """The engine's ZeRO-3 checkpoint of the final weights, with what a model folder needs beside the
-    weights (config, tokenizer, router.json), written under ``<out>.tmp`` then renamed (rank 0)."""
+    weights (config, tokenizer, router.json), built in ``training.new_model_folder`` and finished
+    (provenance, manifest last, rename) by rank 0 with ``training.finish_model_folder``."""
     import torch.distributed as dist
 
-    from modelmake.files import write_provenance
-    from modelmake.training import plot_loss_curves
+    from modelmake.training import finish_model_folder, new_model_folder, plot_loss_curves
 
-    tmp = out.with_name(out.name + ".tmp")
     rank0 = trainer.args.process_index == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    tmp = new_model_folder(out, rank=trainer.args.process_index)
     if dist.is_initialized():
         dist.barrier()
     # every rank writes its own partition of parameters and optimizer state
@@ -293,15 +263,10 @@ def save_zero_checkpoint(trainer: Any, tokenizer: Any, out: Path, *, router_json
         dist.barrier()
     if not rank0:
         return
-    write_json(tmp / DIGEST, digest)
     trainer.model.config.save_pretrained(tmp)
     if getattr(trainer.model, "generation_config", None) is not None:
         trainer.model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    write_json(tmp / ROUTER_JSON, router_json)
-    write_json(tmp / "metrics.json", metrics)
     plot_loss_curves(history, tmp / "loss.png", title="router SFT (ZeRO-3)")
-    write_provenance(tmp, config=config, inputs=inputs, counts=counts, started=started)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    finish_model_folder(tmp, out, config=config, inputs=inputs, counts=counts, started=started,
+                        extra={DIGEST: digest, ROUTER_JSON: router_json, "metrics.json": metrics})

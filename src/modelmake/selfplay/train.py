@@ -14,8 +14,6 @@ real as generated answers: both risks are estimated on every step.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -87,16 +85,13 @@ def nnpu_kto_trainer(*args, **kwargs):
     return _trainer_class()(*args, **kwargs)
 
 
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def train_iteration(dataset: str | Path, start_model: str | Path, out: str | Path, *, ckpt_dir: str | Path,
                     settings: dict, seed: int, loss_png: str | Path, config: dict | None = None) -> dict:
     """Train the iteration's model from ``start_model`` (also the reference) on the KTO parquet.
 
     Checkpoints go to ``ckpt_dir`` (not a declared output: it survives a killed job); a rerun with
-    the same settings resumes from the last complete one, a rerun with other settings starts over.
+    the same settings and the same data and start model (by content) resumes from the last complete
+    one, any other rerun starts over (:func:`modelmake.training.prepare_checkpoint_dir`).
     The model folder is written by :func:`modelmake.training.save_model_folder` (manifest last).
     """
     import datasets
@@ -104,7 +99,9 @@ def train_iteration(dataset: str | Path, start_model: str | Path, out: str | Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig
 
-    from modelmake.training import plot_loss_curves, resume_checkpoint, save_model_folder, seed_everything
+    from modelmake.training import (
+        checkpoint_key, plot_loss_curves, prepare_checkpoint_dir, save_model_folder, seed_everything,
+    )
 
     started = time.time()
     s = {**DEFAULTS, **settings}
@@ -121,13 +118,8 @@ def train_iteration(dataset: str | Path, start_model: str | Path, out: str | Pat
     ds = ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "completion", "label")])
 
     ckpt_dir = Path(ckpt_dir)
-    key = settings_hash({"settings": s, "seed": seed, "dataset": str(dataset), "start": str(start_model)})
-    stamp = ckpt_dir / "settings.json"
-    if ckpt_dir.exists() and (not stamp.exists() or json.loads(stamp.read_text()).get("hash") != key):
-        log.info("%s holds checkpoints of other settings; starting over", ckpt_dir)
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"hash": key}))
+    key = checkpoint_key({"settings": s, "seed": seed}, [dataset, start_model])
+    resume = prepare_checkpoint_dir(ckpt_dir, key)
 
     seed_everything(seed)
     tok = AutoTokenizer.from_pretrained(start_model)
@@ -145,7 +137,7 @@ def train_iteration(dataset: str | Path, start_model: str | Path, out: str | Pat
     )
     trainer = nnpu_kto_trainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
                                prior=s["prior"], gamma=s["gamma"])
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(ckpt_dir))
+    result = trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
     plot_loss_curves(history, loss_png, title=f"nnPU-KTO ({Path(out).parent.name})")
     logged = [h for h in history if "loss" in h]
