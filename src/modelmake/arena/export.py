@@ -1,11 +1,11 @@
 """Submission export: fp16 safetensors, tokenizer and an inference entry point that reproduces the
 validation predictions; and the two-model ensemble folder.
 
-A folder is built under ``<out>.tmp``; its own ``predict.py`` is then run (a separate process, as a
-user would) on the validation fold, and its predictions are compared with the trained model's
-(``eval/stage3/{base}.parquet``): the export fails when they differ by more than the tolerance
-(fp16 rounding of the weights is all that should differ). ``manifest.json`` is written last and the
-folder renamed into place.
+A folder is built under a temporary sibling name (:func:`modelmake.files.atomic_folder`); its own
+``predict.py`` is then run (a separate process, as a user would) on the validation fold, and its
+predictions are compared with the trained model's (``eval/stage3/{base}.parquet``): the export fails
+when they differ by more than the tolerance (fp16 rounding of the weights is all that should
+differ). ``manifest.json`` is written last and the folder renamed into place.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from modelmake.errors import UserError
-from modelmake.files import sha256_file, write_json, write_provenance
+from modelmake.files import atomic_folder, read_provenance, sha256_file, write_json, write_provenance
 from modelmake.training import MANIFEST
 
 HERE = Path(__file__).resolve().parent
@@ -51,13 +51,10 @@ def compare(expected, got, tolerance: float, what: str) -> float:
     return diff
 
 
-def finish(tmp: Path, out: Path) -> None:
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    write_json(tmp / MANIFEST, {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                                for p in files})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    write_json(folder / MANIFEST, {str(p.relative_to(folder)): {"bytes": p.stat().st_size,
+                                                                 "sha256": sha256_file(p)} for p in files})
 
 
 def valid_pairs(labelled: str, valid_fold: int, tmp: Path) -> tuple:
@@ -75,40 +72,35 @@ def export_model(model_dir: str, labelled: str, valid_fold: int, stage_eval: str
     import pandas as pd
     import torch
 
+    from modelmake.arena.evaluate import metrics
     from modelmake.arena.model import load_classifier, load_tokenizer
-    from modelmake.files import read_json
 
     started = time.time()
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tok = load_tokenizer(model_dir)
-    model = load_classifier(model_dir, tok).to(torch.float16)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.copyfile(Path(model_dir) / "arena.json", tmp / "arena.json")
-    copy_entry_point(tmp)
+    with atomic_folder(out) as tmp:
+        tok = load_tokenizer(model_dir)
+        model = load_classifier(model_dir, tok).to(torch.float16)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        shutil.copyfile(Path(model_dir) / "arena.json", tmp / "arena.json")
+        copy_entry_point(tmp)
 
-    valid, pairs = valid_pairs(labelled, valid_fold, tmp)
-    run_entry_point(tmp, pairs, tmp / "valid_predictions.parquet")
-    pairs.unlink()
-    got = pd.read_parquet(tmp / "valid_predictions.parquet")
-    want = pd.read_parquet(stage_eval)
-    if list(got["id"]) != list(want["id"]):
-        raise ExportError(f"{stage_eval} and the validation fold hold different pairs; rebuild the stage")
-    diff = compare(want["p_a"], got["p_a"], tolerance, str(out))
-    from modelmake.arena.evaluate import metrics
-
-    check = {"max_abs_diff_vs_trained": diff, "tolerance": tolerance,
-             "metrics": metrics(got["p_a"], valid["winner"]), "dtype": "float16",
-             "command": "python predict.py --input <pairs.parquet> --out <preds.parquet>"}
-    write_json(tmp / "reproduce.json", check)
-    source = Path(model_dir) / "provenance.json"
-    write_provenance(tmp, config={"valid_fold": valid_fold, "tolerance": tolerance,
-                                  "source": read_json(source)["config"] if source.exists() else None},
-                     inputs=[model_dir, labelled, stage_eval], counts=check, started=started)
-    finish(tmp, out)
+        valid, pairs = valid_pairs(labelled, valid_fold, tmp)
+        run_entry_point(tmp, pairs, tmp / "valid_predictions.parquet")
+        pairs.unlink()
+        got = pd.read_parquet(tmp / "valid_predictions.parquet")
+        want = pd.read_parquet(stage_eval)
+        if list(got["id"]) != list(want["id"]):
+            raise ExportError(f"{stage_eval} and the validation fold hold different pairs; rebuild the stage")
+        diff = compare(want["p_a"], got["p_a"], tolerance, str(out))
+        check = {"max_abs_diff_vs_trained": diff, "tolerance": tolerance,
+                 "metrics": metrics(got["p_a"], valid["winner"]), "dtype": "float16",
+                 "command": "python predict.py --input <pairs.parquet> --out <preds.parquet>"}
+        write_json(tmp / "reproduce.json", check)
+        write_provenance(tmp, config={"valid_fold": valid_fold, "tolerance": tolerance,
+                                      "source": read_provenance(model_dir).get("config")},
+                         inputs=[model_dir, labelled, stage_eval], counts=check, started=started)
+        write_manifest(tmp)
     return check
 
 
@@ -125,27 +117,26 @@ def export_ensemble(models: list[str], weights: list[float], confident_margin: f
         raise ExportError(f"the ensemble takes two models and two weights, got {models} and {weights}; "
                           f"fix arena.ensemble")
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     spec = {"models": [os.path.relpath(m, out) for m in models], "weights": weights,
             "confident_margin": confident_margin}
-    write_json(tmp / "ensemble.json", spec)
-    copy_entry_point(tmp)
-    valid, pairs = valid_pairs(labelled, valid_fold, tmp)
-    # ensemble.json names the models relative to the folder; <out>.tmp is a sibling of <out>, so the
-    # same relative paths work here: run the folder's predict.py as a user would (it finds ensemble.json)
-    run_entry_point(tmp, pairs, tmp / "valid_predictions.parquet")
-    pairs.unlink()
-    got = pd.read_parquet(tmp / "valid_predictions.parquet")
-    first, second = (pd.read_parquet(p) for p in stage_evals)
-    want = ensemble(first["p_a"], second["p_a_swap"], weights, confident_margin)
-    diff = compare(want, got["p_a"], tolerance, str(out))
-    confident = sum(abs(2 * a - 1) >= confident_margin for a in first["p_a"])
-    check = {"max_abs_diff_vs_trained": diff, "tolerance": tolerance, "confident_rows": int(confident),
-             "metrics": metrics(got["p_a"], valid["winner"]),
-             "command": "python predict.py --input <pairs.parquet> --out <preds.parquet>"}
-    write_json(tmp / "reproduce.json", check)
-    write_provenance(tmp, config=spec, inputs=[*models, labelled, *stage_evals], counts=check, started=started)
-    finish(tmp, out)
+    with atomic_folder(out) as tmp:
+        write_json(tmp / "ensemble.json", spec)
+        copy_entry_point(tmp)
+        valid, pairs = valid_pairs(labelled, valid_fold, tmp)
+        # ensemble.json names the models relative to the folder; the temporary folder is a sibling of
+        # <out>, so the same relative paths work here: run the folder's predict.py as a user would
+        run_entry_point(tmp, pairs, tmp / "valid_predictions.parquet")
+        pairs.unlink()
+        got = pd.read_parquet(tmp / "valid_predictions.parquet")
+        first, second = (pd.read_parquet(p) for p in stage_evals)
+        want = ensemble(first["p_a"], second["p_a_swap"], weights, confident_margin)
+        diff = compare(want, got["p_a"], tolerance, str(out))
+        confident = sum(abs(2 * a - 1) >= confident_margin for a in first["p_a"])
+        check = {"max_abs_diff_vs_trained": diff, "tolerance": tolerance, "confident_rows": int(confident),
+                 "metrics": metrics(got["p_a"], valid["winner"]),
+                 "command": "python predict.py --input <pairs.parquet> --out <preds.parquet>"}
+        write_json(tmp / "reproduce.json", check)
+        write_provenance(tmp, config=spec, inputs=[*models, labelled, *stage_evals], counts=check,
+                         started=started)
+        write_manifest(tmp)
     return check
