@@ -233,6 +233,20 @@ def test_failing_run_leaves_existing_outputs_untouched(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_reformatted_parquet_carries_its_provenance(tmp_path):
+    from modelmake.files import read_provenance, sha256_file
+
+    _, mixed = bad_input(tmp_path, b"{oops\n")
+    out = tmp_path / "out.parquet"
+    reformat_files([mixed], out, on_error="skip", rejects=tmp_path / "rejects.jsonl")
+
+    prov = read_provenance(out)
+    assert prov["config"] == {"on_error": "skip"}
+    assert prov["inputs"] == {str(mixed): sha256_file(mixed)}
+    assert prov["counts"] == {"read": 3, "written": 2, "rejected": 1, "reasons": {"bad JSON": 1}}
+    assert prov["code_version"] and prov["wall_seconds"] >= 0
+
+
 def test_fail_stops_at_the_first_bad_line(tmp_path):
     src = write_lines(tmp_path / "in.jsonl", [GOOD_1, jline({"id": "b", "data": []}), b"{oops\n"])
     with pytest.raises(RecordError, match=re.escape(f"{src}:2:")):

@@ -9,19 +9,19 @@ Reads, line by line, either shape the pseudo-label seed reads (and the already r
 Every malformed line (bad JSON, invalid UTF-8, missing field, empty conversation, wrong types,
 unknown role, turns out of order, duplicate id) is reported with ``file:line``. With
 ``on_error="fail"`` the first one raises :class:`RecordError` before anything is written; with
-``on_error="skip"`` bad lines go to a rejects jsonl and are counted.
+``on_error="skip"`` bad lines go to a rejects jsonl and are counted. The parquet's schema
+metadata holds its provenance (``on_error``, the raw files' hashes, the counts).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelmake.errors import RecordError
-from modelmake.files import atomic_open, dumps, write_json
+from modelmake.files import atomic_open, digest, dumps, provenance_record, write_json, write_parquet
 
 ROLE_ALIASES = {
     "user": "user", "human": "user",
@@ -46,7 +46,7 @@ class BadRecord(ValueError):
 def content_id(messages: list[dict]) -> str:
     """A stable id for a record that has none: a hash of its canonical messages."""
     canon = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return "h-" + hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+    return "h-" + digest(canon)
 
 
 def _check_utf8(value: str, where: str) -> str:
@@ -133,7 +133,6 @@ def reformat_files(
 ) -> ReformatStats:
     """Reformat jsonl files into one parquet file; see the module docstring for the rules."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -187,17 +186,15 @@ def reformat_files(
         ("id", pa.string()),
         ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ])
-    table = pa.Table.from_pylist(rows, schema=schema)
-    with atomic_open(out, "wb") as f:
-        pq.write_table(table, f)
+    counts = {"read": stats.read, "written": stats.written, "rejected": stats.rejected,
+              "reasons": stats.reasons}
+    write_parquet(rows, out, schema=schema, provenance=provenance_record(
+        config={"on_error": on_error}, inputs=inputs, counts=counts, started=started))
     if rejects is not None:
         with atomic_open(rejects) as f:
             for row in bad:
                 f.write(dumps(row) + "\n")
     if stats_path is not None:
-        write_json(stats_path, {
-            "inputs": [str(p) for p in inputs], "read": stats.read, "written": stats.written,
-            "rejected": stats.rejected, "reasons": stats.reasons,
-            "seconds": round(time.time() - started, 3),
-        })
+        write_json(stats_path, {"inputs": [str(p) for p in inputs], **counts,
+                                "seconds": round(time.time() - started, 3)})
     return stats

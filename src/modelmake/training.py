@@ -215,12 +215,7 @@ def save_model_folder(
 def plot_loss_curves(log_history: list[dict], png: str | os.PathLike, title: str = "training") -> None:
     """Plot every ``*loss*`` series of a Trainer's ``state.log_history`` (or any list of dicts
     with a ``step`` key) against the step, into one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from modelmake.files import atomic_open
+    from modelmake.files import pyplot, save_figure
 
     series: dict[str, tuple[list, list]] = {}
     for row in log_history:
@@ -229,7 +224,7 @@ def plot_loss_curves(log_history: list[dict], png: str | os.PathLike, title: str
                 xs, ys = series.setdefault(key, ([], []))
                 xs.append(row["step"])
                 ys.append(value)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     for key, (xs, ys) in sorted(series.items()):
         ax.plot(xs, ys, label=key, marker="." if len(xs) < 30 else None)
     ax.set_xlabel("step")
@@ -238,6 +233,4 @@ def plot_loss_curves(log_history: list[dict], png: str | os.PathLike, title: str
     if series:
         ax.legend()
     fig.tight_layout()
-    with atomic_open(png, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, png)

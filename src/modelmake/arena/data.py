@@ -7,20 +7,18 @@ Folds come from a stable hash of the id, so adding records never moves the other
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
 from modelmake.errors import RecordError
-from modelmake.files import code_version, jsonl_objects, sha256_tree
+from modelmake.files import jsonl_objects, provenance_record, stable_hash, write_parquet
 
 TEXT_FIELDS = ("id", "prompt", "response_a", "response_b", "language")
 WINNERS = ("model_a", "model_b")
 
 
 def fold_of(rid: str, folds: int) -> int:
-    return int.from_bytes(hashlib.sha256(rid.encode()).digest()[:8], "big") % folds
+    return stable_hash(rid) % folds
 
 
 def read_pairs(paths: list[str | Path], labelled: bool) -> list[dict]:
@@ -60,7 +58,8 @@ def prepare(paths: list[str], out: str | Path, *, labelled: bool, folds: int, co
     if labelled:
         counts["folds"] = {str(k): v for k, v in df["fold"].value_counts().sort_index().items()}
         counts["winner"] = df["winner"].value_counts().to_dict()
-    write_parquet(df, out, config=config, inputs=paths, counts=counts, started=started)
+    prov = provenance_record(config=config, inputs=paths, counts=counts, started=started)
+    write_parquet(df, out, provenance=prov)
     return counts
 
 
@@ -76,30 +75,3 @@ def swap(df):
         out["p_a"] = 1.0 - df["p_a"]
     return out
 
-
-def write_parquet(df, out: str | Path, *, config=None, inputs=(), counts=None, started=None) -> None:
-    """Write ``df`` atomically; with ``config`` the parquet's schema metadata holds its provenance
-    (config slice, code version, input hashes, counts, wall time), as the foundation's merge does."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    if config is not None:
-        record = {"code_version": code_version(), "config": config,
-                  "inputs": {str(p): sha256_tree(p) for p in inputs}, "counts": counts or {},
-                  "wall_seconds": round(time.time() - started, 3) if started else None}
-        meta = dict(table.schema.metadata or {})
-        meta[b"modelmake.provenance"] = json.dumps(record, ensure_ascii=False, default=str).encode()
-        table = table.replace_schema_metadata(meta)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out)
-
-
-def read_provenance(path: str | Path) -> dict:
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"modelmake.provenance", b"{}"))

@@ -29,12 +29,7 @@ def ensemble(p_first, p_second_swapped, weights: list[float], confident_margin: 
 
 def write_report(rows: list[dict], tsv: str | Path, png: str | Path, title: str = "arena, held-out fold") -> None:
     """A table (TSV) and a bar plot of log-loss and accuracy per stage, base and the ensemble."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from modelmake.files import atomic_open
+    from modelmake.files import atomic_open, pyplot, save_figure
 
     cols = ["model", "stage", "n", "log_loss", "accuracy"]
     with atomic_open(tsv) as f:
@@ -42,7 +37,7 @@ def write_report(rows: list[dict], tsv: str | Path, png: str | Path, title: str 
         for r in rows:
             f.write("\t".join(str(r[c]) for c in cols) + "\n")
     labels = [f"{r['stage']}\n{r['model']}" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.1 * len(rows) * 2), 3.8))
+    fig, axes = pyplot().subplots(1, 2, figsize=(max(6, 1.1 * len(rows) * 2), 3.8))
     for ax, key, ref in ((axes[0], "log_loss", math.log(2)), (axes[1], "accuracy", 0.5)):
         ax.bar(range(len(rows)), [r[key] for r in rows], color=[
             "tab:gray" if r["stage"] == "ensemble" else "tab:blue" for r in rows])
@@ -53,6 +48,4 @@ def write_report(rows: list[dict], tsv: str | Path, png: str | Path, title: str 
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_open(png, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, png)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from modelmake.errors import UserError
-from modelmake.files import write_json
+from modelmake.files import read_provenance, write_json
 from modelmake.training import finish_model_folder, new_model_folder
 
 HERE = Path(__file__).resolve().parent
@@ -66,8 +66,8 @@ def export_model(model_dir: str, labelled: str, valid_fold: int, stage_eval: str
     import pandas as pd
     import torch
 
+    from modelmake.arena.evaluate import metrics
     from modelmake.arena.model import load_classifier, load_tokenizer
-    from modelmake.files import read_json
 
     started = time.time()
     out = Path(out)
@@ -92,9 +92,8 @@ def export_model(model_dir: str, labelled: str, valid_fold: int, stage_eval: str
     check = {"max_abs_diff_vs_trained": diff, "tolerance": tolerance,
              "metrics": metrics(got["p_a"], valid["winner"]), "dtype": "float16",
              "command": "python predict.py --input <pairs.parquet> --out <preds.parquet>"}
-    source = Path(model_dir) / "provenance.json"
     finish_model_folder(tmp, out, config={"valid_fold": valid_fold, "tolerance": tolerance,
-                                          "source": read_json(source)["config"] if source.exists() else None},
+                                          "source": read_provenance(model_dir).get("config")},
                         inputs=[model_dir, labelled, stage_eval], counts=check, started=started,
                         extra={"reproduce.json": check})
     return check

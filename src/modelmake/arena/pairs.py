@@ -8,14 +8,14 @@ chosen by a seeded hash of (prompt id, generators), so positions carry no signal
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import random
 import time
 
-from modelmake.arena.data import write_parquet
 from modelmake.errors import RecordError
-from modelmake.files import atomic_open, dumps, jsonl_objects, read_jsonl
+from modelmake.files import (
+    atomic_open, dumps, jsonl_objects, provenance_record, read_jsonl, stable_hash, write_parquet,
+)
 
 
 def sample_prompts(pool: str, n: int, seed: int, out: str) -> int:
@@ -37,7 +37,7 @@ def sample_prompts(pool: str, n: int, seed: int, out: str) -> int:
 
 
 def a_first(seed: int, rid: str, g1: str, g2: str) -> bool:
-    return hashlib.sha256(f"{seed}:{rid}:{g1}:{g2}".encode()).digest()[0] % 2 == 0
+    return (stable_hash(f"{seed}:{rid}:{g1}:{g2}") >> 56) % 2 == 0  # the parity of the hash's first byte
 
 
 def make_pairs(prompts: str, answers: dict[str, str], seed: int, out: str) -> dict:
@@ -69,6 +69,7 @@ def make_pairs(prompts: str, answers: dict[str, str], seed: int, out: str) -> di
                           f"every answer failed or is empty; read the generate logs")
     df = pd.DataFrame(rows)
     counts = {"pairs": len(df), "skipped": skipped, "generators": sorted(answers)}
-    write_parquet(df, out, config={"seed": seed}, inputs=[prompts, *answers.values()], counts=counts,
-                  started=started)
+    prov = provenance_record(config={"seed": seed}, inputs=[prompts, *answers.values()], counts=counts,
+                             started=started)
+    write_parquet(df, out, provenance=prov)
     return counts

@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from modelmake.arena.data import write_parquet
 from modelmake.errors import ConfigError, RecordError
-from modelmake.files import write_json
+from modelmake.files import provenance_record, write_json, write_parquet
 
 
 def predict_pairs(model_dir: str, pairs: str, out: str, batch_size: int = 32) -> dict:
@@ -37,8 +36,9 @@ def predict_pairs(model_dir: str, pairs: str, out: str, batch_size: int = 32) ->
     preds["p_a"] = (preds["p_a_orig"] + preds["p_a_swap"]) / 2
     counts = {"rows": len(preds), "mean_p_a": round(float(preds["p_a"].mean()), 4),
               "swap_agreement": round(float(((preds["p_a_orig"] >= .5) == (preds["p_a_swap"] >= .5)).mean()), 4)}
-    write_parquet(preds, out, config={"model": model_dir}, inputs=[model_dir, pairs], counts=counts,
-                  started=started)
+    prov = provenance_record(config={"model": model_dir}, inputs=[model_dir, pairs], counts=counts,
+                             started=started)
+    write_parquet(preds, out, provenance=prov)
     return counts
 
 
@@ -76,7 +76,8 @@ def merge(pairs: str, predictions: dict[str, str], weights: dict, margin: float,
                                     {m: pd.read_parquet(p) for m, p in predictions.items()}, weights, margin)
     if kept.empty:
         raise RecordError(f"no pseudo-labelled pair of {pairs} passes arena.pseudo.margin={margin}; lower the margin")
-    write_parquet(kept, out, config={"weights": weights, "margin": margin},
-                  inputs=[pairs, *predictions.values()], counts=stats, started=started)
+    prov = provenance_record(config={"weights": weights, "margin": margin},
+                             inputs=[pairs, *predictions.values()], counts=stats, started=started)
+    write_parquet(kept, out, provenance=prov)
     write_json(stats_path, stats)
     return stats

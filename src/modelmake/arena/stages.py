@@ -14,12 +14,11 @@ import logging
 import time
 from pathlib import Path
 
-from modelmake.arena.data import write_parquet
 from modelmake.arena.evaluate import metrics
 from modelmake.arena.model import TrainSettings, hard_targets, predict, train
 from modelmake.arena.template import TemplateSettings
 from modelmake.errors import RecordError
-from modelmake.files import write_json
+from modelmake.files import write_json, write_parquet
 
 log = logging.getLogger(__name__)
 

@@ -15,29 +15,25 @@ The last ``eval_rows`` rows of each source (after a seeded shuffle) are held out
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 from pathlib import Path
 
 from modelmake.errors import RecordError, UserError
-from modelmake.files import atomic_open, jsonl_objects
+from modelmake.files import jsonl_objects, provenance_record, write_parquet
 
 log = logging.getLogger(__name__)
 
 
 def _write(rows: list[dict], out: str | Path, provenance: dict) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema = pa.schema([
         ("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())),
         ("labels", pa.list_(pa.int32())), ("source", pa.string()),
-    ]).with_metadata({"modelmake.provenance": json.dumps(provenance, ensure_ascii=False)})
-    table = pa.Table.from_pylist(rows, schema=schema)
-    with atomic_open(out, "wb") as f:
-        pq.write_table(table, f)
+    ])
+    write_parquet(rows, out, schema=schema, provenance=provenance)
 
 
 def _pad(ids: list[int], labels: list[int], max_len: int, pad_id: int, source: str) -> dict:
@@ -148,8 +144,8 @@ def build_chat(parquets: list[str], tokenizer_dir: str, out_train: str, out_eval
     train, held = split_rows(rows, eval_rows, seed)
     counts = {"conversations": len(conversations), "train": len(train), "eval": len(held),
               "label_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in train)}
-    prov = {"config": {"max_len": max_len, "eval_rows": eval_rows, "seed": seed, "max_rows": max_rows},
-            "inputs": list(parquets), "counts": counts, "wall_seconds": round(time.time() - started, 3)}
+    config = {"max_len": max_len, "eval_rows": eval_rows, "seed": seed, "max_rows": max_rows}
+    prov = provenance_record(config=config, inputs=parquets, counts=counts, started=started)
     _write(train, out_train, prov)
     _write(held, out_eval, prov)
     log.info("chat: %s", counts)
@@ -166,8 +162,9 @@ def build_web(files: dict[str, list[str]], tokenizer_dir: str, out_train: str, o
     rows = web_rows(tok, interleave(per_language, seed), max_len, pack)
     train, held = split_rows(rows, eval_rows, seed)
     counts = {"texts": {k: len(v) for k, v in per_language.items()}, "train": len(train), "eval": len(held)}
-    prov = {"config": {"max_len": max_len, "eval_rows": eval_rows, "seed": seed, "pack": pack},
-            "inputs": files, "counts": counts, "wall_seconds": round(time.time() - started, 3)}
+    config = {"max_len": max_len, "eval_rows": eval_rows, "seed": seed, "pack": pack, "files": files}
+    inputs = [p for paths in files.values() for p in paths]
+    prov = provenance_record(config=config, inputs=inputs, counts=counts, started=started)
     _write(train, out_train, prov)
     _write(held, out_eval, prov)
     log.info("web: %s", counts)

@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from modelmake.files import write_json
+from modelmake.files import pyplot, save_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +64,9 @@ def evaluate(teacher_dir: str, students: dict[str, str], evals: dict[str, str], 
 
 def plot_metrics(metrics: dict, png: str | Path) -> None:
     """Bars of perplexity per model and dataset (log scale), KL in the title lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from modelmake.files import atomic_open
-
     names = list(metrics["datasets"])
     models = list(next(iter(metrics["datasets"].values()))["perplexity"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
     for ax, ds in zip(axes[0], names):
         ppl = metrics["datasets"][ds]["perplexity"]
         ax.bar(models, [ppl[m] for m in models], color=["#555"] + ["#4a7"] * (len(models) - 1))
@@ -81,6 +74,4 @@ def plot_metrics(metrics: dict, png: str | Path) -> None:
         ax.set_title(f"{ds}: held-out perplexity")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    with atomic_open(png, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, png)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from modelmake.files import atomic_open, code_version, read_jsonl, sha256_file, write_json
+from modelmake.files import provenance_record, pyplot, read_jsonl, save_figure, write_json, write_parquet
 
 
 def merge_shards(
@@ -16,10 +15,10 @@ def merge_shards(
     """Successful records of every shard -> parquet (id, messages, teacher, tokens, source shard).
 
     Failed records are counted in the stats, not written. The parquet's schema metadata holds the
-    provenance (config slice, code version, input hashes), so the dataset carries what made it.
+    provenance (config slice, code version, input hashes, counts, wall time), so the dataset carries
+    what made it.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     started = time.time()
     rows, failed, per_shard = [], 0, []
@@ -45,31 +44,22 @@ def merge_shards(
         ("teacher", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
         ("turns", pa.int64()), ("truncated", pa.bool_()), ("shard", pa.string()),
     ])
-    provenance = {"code_version": code_version(), "config": config,
-                  "inputs": {str(p): sha256_file(p) for p in shards}}
-    schema = schema.with_metadata({"modelmake.provenance": json.dumps(provenance, ensure_ascii=False)})
-    table = pa.Table.from_pylist(rows, schema=schema)
-    with atomic_open(out, "wb") as f:
-        pq.write_table(table, f)
     tokens = [r["completion_tokens"] for r in rows]
-    stats = {
+    counts = {
         "records": len(rows) + failed, "ok": len(rows), "failed": failed,
         "completion_tokens": sum(tokens), "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
-        "truncated": sum(r["truncated"] for r in rows), "shards": per_shard,
-        "seconds": round(time.time() - started, 3),
+        "truncated": sum(r["truncated"] for r in rows),
     }
+    write_parquet(rows, out, schema=schema,
+                  provenance=provenance_record(config=config, inputs=shards, counts=counts, started=started))
+    stats = {**counts, "shards": per_shard, "seconds": round(time.time() - started, 3)}
     write_json(stats_path, stats)
     plot_lengths(tokens, per_shard, plot_path)
     return stats
 
 
 def plot_lengths(tokens: list[int], per_shard: list[dict], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 3.5))
     a.hist(tokens or [0], bins=30, color="#4c72b0")
     a.set_xlabel("generated tokens per conversation")
     a.set_ylabel("conversations")
@@ -84,7 +74,4 @@ def plot_lengths(tokens: list[int], per_shard: list[dict], path: str | Path) -> 
     b.set_ylim(0, max([s["records"] for s in per_shard] + [1]) * 1.25)
     b.legend(loc="upper right", ncols=2)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

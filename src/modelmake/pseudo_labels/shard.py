@@ -8,15 +8,10 @@ SLURM allocation) builds any subset of the P partitions.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
-from modelmake.files import atomic_open, dumps, write_json
-
-
-def stable_hash(rid: str) -> int:
-    return int.from_bytes(hashlib.sha256(rid.encode("utf-8")).digest()[:8], "big")
+from modelmake.files import atomic_open, dumps, stable_hash, write_json
 
 
 def place(rid: str, partitions: int, shards: int) -> tuple[int, int]:

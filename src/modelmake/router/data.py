@@ -17,8 +17,6 @@ routing. Every problem is reported with ``file:line`` before anything is written
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from modelmake.errors import RecordError, UserError
-from modelmake.files import jsonl_objects
+from modelmake.files import digest, jsonl_objects
 from modelmake.router.tokens import label_of
 
 SPLITS = ("train", "calib", "test")
@@ -58,7 +56,7 @@ def _check(where: str, obj: dict) -> dict:
             f"bad record in {where}: the assistant message must be one of [[1]]..[[5]], got {msgs[2]['content'][:40]!r}"
         )
     rec = {
-        "id": str(obj.get("id") or hashlib.sha256(prompt.encode()).hexdigest()[:16]),
+        "id": str(obj.get("id") or digest(prompt)),
         "prompt": prompt,
         "system": msgs[0]["content"],
         "messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
@@ -124,10 +122,8 @@ def write_splits(paths: list[str | Path], out: dict[str, str | Path], stats_path
     """Read, validate, subsample and split; write one parquet per split (provenance in its metadata)
     and a stats JSON (counts, label histogram, mean scores per split)."""
     import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from modelmake.files import atomic_open, code_version, sha256_file, write_json
+    from modelmake.files import provenance_record, write_json, write_parquet
 
     started = time.time()
     splits = split_records(read_scored(paths), n_sample, calib, test, seed)
@@ -140,15 +136,7 @@ def write_splits(paths: list[str | Path], out: dict[str, str | Path], stats_path
             "weak_score_mean": None if df["weak_score"].isna().any() else float(df["weak_score"].mean()),
             "strong_score_mean": None if df["strong_score"].isna().any() else float(df["strong_score"].mean()),
         }
-        table = pa.Table.from_pandas(df, preserve_index=False)
-        prov = {
-            "code_version": code_version(), "config": config, "split": name,
-            "inputs": {str(p): sha256_file(p) for p in paths}, "counts": stats[name],
-            "wall_seconds": round(time.time() - started, 3),
-        }
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               b"modelmake.provenance": json.dumps(prov).encode()})
-        with atomic_open(out[name], "wb") as f:
-            pq.write_table(table, f)
+        prov = provenance_record(config=config, inputs=paths, counts=stats[name], started=started)
+        write_parquet(df, out[name], provenance={**prov, "split": name})
     write_json(stats_path, stats)
     return stats

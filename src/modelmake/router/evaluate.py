@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from modelmake.errors import UserError
-from modelmake.files import write_json
+from modelmake.files import pyplot, save_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +131,7 @@ def evaluate_scores(df, *, points: int = 20, calibration: dict | None = None) ->
 
 
 def plot(metrics: dict, png: str | Path, title: str = "router: cost vs quality") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from modelmake.files import atomic_open
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     styles = {"router": ("C0", "o", "-"), "router_expected_score": ("C2", ".", ":"),
               "random": ("grey", None, "--"), "optimal": ("C1", "x", "-.")}
     for name, m in metrics["methods"].items():
@@ -159,9 +152,7 @@ def plot(metrics: dict, png: str | Path, title: str = "router: cost vs quality")
     ax.set_title(f"{title} ({metrics['prompts']} test prompts)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    with atomic_open(png, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def evaluate_file(scored: str | Path, metrics_path: str | Path, png: str | Path, *, points: int,

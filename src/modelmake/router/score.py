@@ -13,7 +13,6 @@ Batched with left padding (the answer position is the last column of every row).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterable
@@ -89,10 +88,8 @@ def score_file(model_dir: str | Path, parquet: str | Path, out: str | Path, *, b
     import time
 
     import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from modelmake.files import atomic_open, code_version, sha256_tree
+    from modelmake.files import provenance_record, write_parquet
 
     started = time.time()
     df = pd.read_parquet(parquet)
@@ -103,13 +100,7 @@ def score_file(model_dir: str | Path, parquet: str | Path, out: str | Path, *, b
     if "label" in out_df:
         predicted = scores[COLUMNS[:5]].to_numpy().argmax(axis=1) + 1
         summary["label_accuracy"] = float((predicted == out_df["label"].to_numpy()).mean())
-    table = pa.Table.from_pandas(out_df, preserve_index=False)
-    prov = {"code_version": code_version(), "config": config, "counts": summary,
-            "inputs": {str(model_dir): sha256_tree(model_dir), str(parquet): sha256_tree(parquet)},
-            "wall_seconds": round(time.time() - started, 3)}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                           b"modelmake.provenance": json.dumps(prov).encode()})
-    with atomic_open(out, "wb") as f:
-        pq.write_table(table, f)
+    write_parquet(out_df, out, provenance=provenance_record(config=config, inputs=[model_dir, parquet],
+                                                            counts=summary, started=started))
     log.info("scored %s: %s", parquet, summary)
     return summary

@@ -14,35 +14,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
 from modelmake.errors import RecordError, UserError
-from modelmake.files import atomic_open, dumps, read_jsonl, sha256_file, write_json
+from modelmake.files import (
+    atomic_open, digest, dumps, provenance_record, read_jsonl, sha256_file, write_json, write_parquet,
+)
 
 FRACTION = "frac{k}.jsonl"
-
-
-def _write_parquet(df, out: str | Path, provenance: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    meta = dict(table.schema.metadata or {})
-    meta[b"modelmake.provenance"] = json.dumps(provenance, ensure_ascii=False).encode()
-    table = table.replace_schema_metadata(meta)
-    with atomic_open(out, "wb") as f:
-        pq.write_table(table, f)
-
-
-def _provenance(config, inputs, counts, started) -> dict:
-    from modelmake.files import code_version
-
-    return {"code_version": code_version(), "config": config,
-            "inputs": {str(p): sha256_file(p) for p in inputs}, "counts": counts,
-            "wall_seconds": round(time.time() - started, 3)}
 
 
 def single_turn(reformatted: str | Path, out: str | Path, *, config: dict | None = None) -> dict:
@@ -66,8 +46,9 @@ def single_turn(reformatted: str | Path, out: str | Path, *, config: dict | None
             f"check selfplay.dataset and its splits in config.yaml"
         )
     counts = {"conversations": len(df), "prompts": len(rows), "skipped": skipped}
-    _write_parquet(pd.DataFrame(rows, columns=["id", "prompt", "real"]), out,
-                   _provenance(config or {}, [reformatted], counts, started))
+    write_parquet(pd.DataFrame(rows, columns=["id", "prompt", "real"]), out,
+                  provenance=provenance_record(config=config or {}, inputs=[reformatted], counts=counts,
+                                               started=started))
     return counts
 
 
@@ -102,7 +83,7 @@ def write_fractions(single: str | Path, out_dir: str | Path, frac_len: int) -> l
 
 
 def _order_key(seed: int, rid: str) -> str:
-    return hashlib.sha256(f"{seed}:{rid}".encode()).hexdigest()
+    return digest(f"{seed}:{rid}", None)
 
 
 def to_kto(single: str | Path, fractions: list[str | Path], out: str | Path, *, seed: int = 0,
@@ -151,5 +132,6 @@ def to_kto(single: str | Path, fractions: list[str | Path], out: str | Path, *, 
     counts = {"prompts": len(prompts), "pairs": len(ids), "failed": failed, "empty": empty,
               "missing": len(prompts) - len(ids) - failed - empty,
               "identical": sum(generated[r].strip() == real[r].strip() for r in ids)}
-    _write_parquet(pd.DataFrame(rows), out, _provenance(config or {}, [single, *fractions], counts, started))
+    write_parquet(pd.DataFrame(rows), out, provenance=provenance_record(
+        config=config or {}, inputs=[single, *fractions], counts=counts, started=started))
     return counts

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from modelmake.errors import UserError
-from modelmake.files import atomic_open, write_json
+from modelmake.files import pyplot, save_figure, write_json
 
 
 def _tokenize(tok, prompt, completion, max_length: int) -> tuple[list[int], int]:
@@ -107,14 +107,9 @@ def evaluate_iteration(test_kto: str | Path, model_dir: str | Path, start_dir: s
 
 def plot_iterations(metrics_files: list[str | Path], png: str | Path, table: str | Path) -> list[dict]:
     """One figure of the per-iteration metrics (and their table as JSON) across iterations."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = sorted((json.loads(Path(p).read_text()) for p in metrics_files), key=lambda m: m["iteration"])
     it = [m["iteration"] for m in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.3))
+    fig, axes = pyplot().subplots(1, 3, figsize=(11, 3.3))
     axes[0].plot(it, [m["reward_margin"] for m in rows], marker="o")
     axes[0].set_title("reward margin real - generated")
     axes[1].plot(it, [m["win_rate"] for m in rows], marker="o")
@@ -129,8 +124,6 @@ def plot_iterations(metrics_files: list[str | Path], png: str | Path, table: str
         ax.set_xlabel("iteration")
         ax.set_xticks(it)
     fig.tight_layout()
-    with atomic_open(png, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, png)
     write_json(table, {"iterations": rows})
     return rows
