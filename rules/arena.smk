@@ -1,4 +1,4 @@
-# Arena (seed 003): a pairwise preference classifier in three stages, ensemble soft pseudo-labels,
+# Arena: a pairwise preference classifier in three stages, ensemble soft pseudo-labels,
 # response pairs generated through the serving pools, fp16 submission export, held-out report.
 # Included only when the config has an arena section.
 

@@ -1,4 +1,4 @@
-# Distillation (seed 001): data -> hybrid student init -> stage 1 (hidden states) -> stage 2 (KL + CE)
+# Distillation: data -> hybrid student init -> stage 1 (hidden states) -> stage 2 (KL + CE)
 # -> held-out evaluation. Each stage job supervises its teacher processes and trainer ranks.
 # Included only when the config has a distill section.
 

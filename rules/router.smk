@@ -1,4 +1,4 @@
-# The router pipeline (seed 002): scored prompts -> splits -> SFT (DeepSpeed ZeRO-3) -> consolidated
+# The router pipeline: scored prompts -> splits -> SFT (DeepSpeed ZeRO-3) -> consolidated
 # model -> label-token scores -> calibrated threshold -> cost/quality evaluation.
 # Logic in modelmake.router; only wiring here.
 # Included only when the config has a router section.

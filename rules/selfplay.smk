@@ -1,5 +1,5 @@
-# Self-play (seed 004): single-turn prompts -> per-iteration generation in fractions (the foundation's
-# leased vLLM pool and resumable client) -> KTO pairs -> KTO with an nnPU prior -> held-out metrics.
+# Self-play: single-turn prompts -> per-iteration generation in fractions (the shared generation
+# rule: leased vLLM pool, resumable client) -> KTO pairs -> KTO with an nnPU prior -> held-out metrics.
 # Iteration t generates with, starts from and is regularised towards iteration t-1's model.
 # Included only when the config has a selfplay section (iterations: 0 builds nothing).
 

@@ -2,7 +2,7 @@
 
 Made by the project, seeded and deterministic. Each line is one prompt with the quality (1..5, as an
 expert judge would grade an answer) that a *weak* and a *strong* model earned on it, and the
-training conversation the router learns from (the seed's format):
+training conversation the router learns from (the original recipe's format):
 
     {"id": "r-0000", "prompt": "...", "topic": "...", "weak_score": 2, "strong_score": 5,
      "messages": [{"role": "system", "content": <instruction>},
@@ -24,7 +24,7 @@ import json
 import random
 from pathlib import Path
 
-# A short instruction keeps the tiny demo's sequences short (CPU time); a real run uses the seed's long one.
+# A short instruction keeps the tiny demo's sequences short (CPU time); a real run uses the original's long one.
 SYSTEM = "Predict the expert score of a small assistant's answer: [[1]] to [[5]]."
 
 # topic: (weak model's mean score, strong model's mean score, templates, fillers)

@@ -1,4 +1,4 @@
-"""Arena (seed 003) library promises: the input template's token budget, A/B swap symmetry, the soft
+"""Arena library promises: the input template's token budget, A/B swap symmetry, the soft
 pseudo-label merge, the held-out fold, and a submission that reproduces the trained predictions.
 
 A tiny random Llama classifier with a small BPE tokenizer stands in for a trained stage (seconds).

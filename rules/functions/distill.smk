@@ -9,7 +9,7 @@ def distill_path(*parts):
 
 
 def distill_chat_inputs():
-    """Reformatted chat splits, plus the seed-000 pseudo-labels when distill.chat.pseudo_labels."""
+    """Reformatted chat splits, plus the pseudo-label pipeline's labels when distill.chat.pseudo_labels."""
     chat = DI["chat"]
     paths = [data_path(d, "reformatted", f"{chat['split']}.parquet") for d in chat["datasets"]]
     if chat.get("pseudo_labels"):

@@ -1,6 +1,6 @@
 """Reformat raw chat jsonl into ``{id, messages: [{role, content}]}`` parquet.
 
-Reads, line by line, either shape the pseudo-label seed reads (and the already reformatted one):
+Reads, line by line, either shape the original pseudo-label script reads (and the already reformatted one):
 
 * UltraChat raw:  ``{"id", "data": [user, assistant, user, ...]}``
 * ShareGPT-like:  ``{"id", "conversations": [{"from": "human"|"gpt"|..., "value"}]}``

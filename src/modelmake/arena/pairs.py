@@ -1,6 +1,6 @@
 """Response pairs: prompts sampled from a pool, answered by each generator, paired A/B.
 
-The prompts become ``{id, messages: [user, assistant placeholder]}`` jsonl, which the foundation's
+The prompts become ``{id, messages: [user, assistant placeholder]}`` jsonl, which the shared
 ``python -m modelmake generate`` answers through a generator's serving pool (journal and resume
 included): one answer per record. Every two generators make a pair per prompt; which one is A is
 chosen by a seeded hash of (prompt id, generators), so positions carry no signal.

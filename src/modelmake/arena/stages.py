@@ -4,7 +4,7 @@
 * stage 2: from the base, on pseudo-labelled pairs (soft targets);
 * stage 3: from stage 2, on the labelled folds except the validation fold.
 
-The seed trained on every fold, validation included, and reported the leaked score; here a pair
+The original trained on every fold, validation included, and reported the leaked score; here a pair
 whose id or text is in the validation fold never reaches training (``check_no_leak``).
 """
 

@@ -1,5 +1,5 @@
 """``python -m modelmake shard`` and ``python -m modelmake merge``: argument wiring for the
-pseudo-label rules (generation is the foundation's ``modelmake generate``)."""
+pseudo-label rules (generation is the shared ``modelmake generate``)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A record's partition is ``h(id) mod P`` and its shard within the partition ``(h(id) div P) mod S``,
 with ``h`` the first 8 bytes of SHA-256: independent of record order, Python's hash seed and
-the machine. Partitions generalise the seed's ``from_percent``/``to_percent``: each machine (or
+the machine. Partitions generalise the original script's ``from_percent``/``to_percent``: each machine (or
 SLURM allocation) builds any subset of the P partitions.
 """
 

@@ -1,4 +1,4 @@
-"""The router pipeline (seed 002): an LLM that predicts the [[1]]..[[5]] score a weak model earns.
+"""The router pipeline: an LLM that predicts the [[1]]..[[5]] score a weak model earns.
 
 Modules, one concept each:
 

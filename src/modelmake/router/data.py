@@ -1,6 +1,6 @@
 """Scored prompts jsonl -> validated records -> seeded subsample -> train / calib / test parquet.
 
-A line of the input (the seed's training file plus the scores routing is evaluated on)::
+A line of the input (the original recipe's training file plus the scores routing is evaluated on)::
 
     {"id": "...", "prompt": "...", "messages": [system, user "[Question]...Prediction:", assistant "[[k]]"],
      "weak_score": 2, "strong_score": 5}

@@ -1,7 +1,7 @@
 """The router's vocabulary and conversation format.
 
 The router answers with exactly one of five special tokens, ``[[1]]`` .. ``[[5]]``, the score an
-expert judge would give the weak model's answer. A conversation is the seed's:
+expert judge would give the weak model's answer. A conversation is the original recipe's:
 
 * system: the instruction (kept with the model, in ``router.json``, so scoring uses the same one);
 * user: ``"[Question]\\n<prompt>\\n\\nPrediction:\\n"``;

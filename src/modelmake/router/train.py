@@ -1,13 +1,13 @@
 """Train the router: TRL SFT of a causal LM on the scored conversations.
 
-Fixes against the seed's script:
+Fixes against the original script:
 
-* ``[[1]]``..``[[5]]`` are added as special tokens and the embeddings resized (seed: kept);
-* the chat template renders the conversation (seed: ``ROLE:\\n`` text with no EOS, so the trained
+* ``[[1]]``..``[[5]]`` are added as special tokens and the embeddings resized (original: kept);
+* the chat template renders the conversation (original: ``ROLE:\\n`` text with no EOS, so the trained
   model never learned to stop and generation ran to ``max_new_tokens``); every example ends with
   the tokenizer's EOS after ``[[k]]``, checked before training;
 * the loss is on the assistant answer only (``[[k]]`` + EOS), from the template's
-  ``{% generation %}`` mask (seed: the whole text, instruction included, padded to 2048);
+  ``{% generation %}`` mask (original: the whole text, instruction included, padded to 2048);
 * resumable: the Trainer's checkpoints go to ``ckpt_dir`` (kept when the job fails) and a rerun
   with the same recipe (settings, DeepSpeed config, inputs by content) resumes from the last
   complete one; after a config or data change it starts afresh (``training.prepare_checkpoint_dir``:

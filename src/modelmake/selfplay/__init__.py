@@ -1,4 +1,4 @@
-"""Self-play fine-tuning (seed 004): single-turn prompts, generation by the current model in
+"""The self-play pipeline: single-turn prompts, generation by the current model in
 fractions (through modelmake.serve / modelmake.generate), KTO with an nnPU prior, iterations.
 
 Modules: ``data`` (prompts, fractions, KTO pairs), ``loss`` (the nnPU KTO loss), ``train`` (the

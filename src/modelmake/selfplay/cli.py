@@ -1,6 +1,6 @@
 """``python -m modelmake selfplay-<verb>``: argument wiring for the self-play rules.
 
-Generation has no command here: the rules call the foundation's ``modelmake generate`` (leased
+Generation has no command here: the rules call the shared ``modelmake generate`` (leased
 vLLM pool + resumable client) on each fraction. Heavy imports happen inside the commands.
 """
 
