@@ -9,6 +9,8 @@
 
 Inputs default to the demo's results (build them first: snakemake results/distill/demo/eval/metrics.json).
 Run: python bench/bench_distill.py [--steps 30] [--ranks 1 2 4]
+     python bench/bench_distill.py --smoke   # 3 steps, ranks [1], on a 1-step teacher, its student and
+                                             # chat data built in a temporary folder (measures nothing)
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ def measure(args, tmp: Path, name: str, mode: str, ranks: int) -> dict:
     return row
 
 
+def smoke_inputs(args, root: Path) -> None:
+    """--smoke: the demo's tiny-llama fitted 1 step as the teacher, its hybrid student (layer 1 a
+    time-mix, as the demo's) and 24 chat rows of 32 tokens; 3 steps of batch 2, ranks [1]."""
+    import artifacts
+
+    teacher = artifacts.tiny_llama(root, steps=1)
+    args.teacher = str(teacher)
+    args.student = str(artifacts.distill_student(root, teacher, rwkv_layers=[1]))
+    args.steps, args.batch_size, args.max_len, args.topk, args.ranks = 3, 2, 32, 8, [1]
+    args.data = [str(p) for p in artifacts.distill_data(root, teacher, max_len=args.max_len, max_rows=24)]
+
+
 def main() -> None:
     root = REPO / "results/distill/demo"
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -71,9 +85,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--out", help="write the rows and ratios as JSON here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="3 steps, ranks [1], on a teacher, student and data built in a temporary folder")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as d:
         tmp = Path(d)
+        if args.smoke:
+            smoke_inputs(args, tmp / "inputs")
         local = measure(args, tmp, "local", "local", 1)
         remote = measure(args, tmp, "service", "service", 1)
         scaling = [remote] + [measure(args, tmp, f"service_r{r}", "service", r) for r in args.ranks if r != 1]
@@ -87,6 +105,8 @@ def main() -> None:
               f"end to end, {r['steps_per_s']} steps/s per rank")
     if args.out:
         Path(args.out).write_text(json.dumps({"ratio_service_over_local": ratio, "rows": [local, *scaling]}, indent=2))
+    if args.smoke:
+        print("smoke run: every code path ran; these numbers are not a benchmark")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ neither setting changes the arithmetic.
 Inputs default to the demo's data and base (build them first:
 snakemake results/router/demo/data/train.parquet results/assets/models/tiny-llama).
 Run: python bench/bench_router.py [--epochs 1] [--rounds 2] [--out bench.json]
+     python bench/bench_router.py --smoke   # 1 round of 2 steps on a tiny base and router data it builds
+                                            # in a temporary folder (runs end to end; measures nothing)
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ def train_once(args) -> None:
     print(json.dumps({"runtime_s": end["train_runtime"], "steps": end["step"], "train_loss": end["train_loss"]}))
 
 
+def smoke_inputs(args, root: Path) -> None:
+    """--smoke: a 1-step tiny-llama base and ~30 training rows (2 steps of 16), 1 round."""
+    import artifacts
+
+    data = artifacts.router_data(root, n_sample=48)
+    args.train, args.eval = str(data["train"]), str(data["calib"])
+    args.base = str(artifacts.tiny_llama(root, steps=1))
+    args.epochs, args.rounds = 1.0, 1
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", default="results/router/demo/data/train.parquet")
@@ -65,6 +77,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write the rows and the ratio as JSON here")
+    p.add_argument("--smoke", action="store_true",
+                   help="1 round of a few steps on a tiny base and router data built in a temporary folder")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one training
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -73,6 +87,8 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            smoke_inputs(args, Path(tmp) / "inputs")
         for r in range(args.rounds):
             for variant in VARIANTS:
                 work = Path(tmp) / f"{variant}{r}"
@@ -95,6 +111,8 @@ def main() -> None:
           f"{result['speedup_vs_trl_defaults']:.2f}x; same final loss: {result['same_final_loss']}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.smoke:
+        print("smoke run: every code path ran; these numbers are not a benchmark")
     if not result["same_final_loss"]:
         sys.exit(f"the variants trained to different losses: {sorted(losses)}")
 
