@@ -131,7 +131,7 @@ rule selfplay_eval:
     params:
         start=lambda w: sp_start_model(int(w.it)),
         beta=lambda w: sp_settings(int(w.it))["train"]["beta"],
-        max_length=lambda w: sp_settings(int(w.it))["train"].get("max_length", 256),
+        max_length=lambda w: sp_settings(int(w.it))["train"]["max_length"],
     log:
         log_path("selfplay", "iter{it}", "eval.log"),
     threads: 1

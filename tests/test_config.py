@@ -212,3 +212,137 @@ def test_bad_build_partitions_says_what_each_allowed_form_expects(config, value,
     assert "is not of type 'null'" in msg
     assert expected in msg
     assert "give exactly one of" not in msg
+
+
+# --- defaults in one place: the schema's, asked for by the library
+
+
+def set_default(root: dict, path: str, value) -> None:
+    """Set a default in a raw schema: ``path`` as in config.schema_at, without crossing a $ref."""
+    keys = path.split(".")
+    node = root["$defs"][keys[1]] if keys[0] == "$defs" else root["properties"][keys[0]]
+    for k in keys[2:] if keys[0] == "$defs" else keys[1:]:
+        node = node["properties"][k]
+    node["default"] = value
+
+
+@pytest.fixture
+def patched_schema(monkeypatch):
+    """Change schema defaults for one test: patched_schema({"router.train.lr": 0.5})."""
+    from modelmake import config as cfg
+
+    def patch(changes: dict):
+        root = copy.deepcopy(cfg.schema())
+        for path, value in changes.items():
+            set_default(root, path, value)
+        monkeypatch.setattr(cfg, "schema", lambda: root)
+
+    return patch
+
+
+def test_schema_lookups_name_a_config_key_a_definition_or_a_pointer():
+    from modelmake.config import default, defaults, schema_at
+
+    assert default("router.train.lr") == 2e-5
+    assert default("$defs.generation.concurrency") == 8
+    assert default("selfplay.concurrency") == 16  # a section's own default beside the shared $defs/generation
+    assert default("arena.response_pairs.max_failure_share") == 0.25
+    assert schema_at("#/$defs/generation") == schema_at("$defs.generation")
+    assert defaults("arena.template") == {"max_length": 256, "head_share": 0.5}
+    with pytest.raises(KeyError, match="router.train.nope"):
+        default("router.train.nope")
+    with pytest.raises(KeyError, match="no default"):
+        default("router.base")
+
+
+def test_fill_defaults_keeps_given_values_and_can_refuse_unknown_keys():
+    from modelmake.config import fill_defaults
+
+    given = {"lr": 0.5}
+    out = fill_defaults("router.train", given)
+    assert out["lr"] == 0.5 and out["batch_size"] == 8 and given == {"lr": 0.5}
+    with pytest.raises(ConfigError, match=r"selfplay.train: unknown keys \['lr'\]; allowed: .*'learning_rate'"):
+        fill_defaults("$defs.selfplay_train", {"lr": 0.5}, check="selfplay.train")
+
+
+def test_an_iteration_override_changes_only_the_keys_it_names(config):
+    config["selfplay"]["sampling"]["ignore_eos"] = True
+    config["selfplay"]["per_iteration"] = [{}, {"train": {"prior": 0.5}, "sampling": {"temperature": 0.5}}]
+    out = validate(config)
+    sp = out["selfplay"]
+    assert sp["per_iteration"][1] == {"train": {"prior": 0.5}, "sampling": {"temperature": 0.5}}  # no defaults
+    assert sp["train"]["save_steps"] == 20  # the section itself is filled
+    merged = {**sp["sampling"], **sp["per_iteration"][1]["sampling"]}  # as rules/functions/selfplay.smk does
+    assert merged["ignore_eos"] is True and merged["temperature"] == 0.5
+
+
+def typed_settings() -> dict:
+    """What each typed settings object and settings function of the library gives when given nothing,
+    by the schema object whose defaults it must have."""
+    from dataclasses import asdict
+
+    from modelmake.arena.model import TrainSettings
+    from modelmake.arena.template import TemplateSettings
+    from modelmake.generate import GenerateSettings, Sampling
+    from modelmake.router.train import train_settings as router_train
+    from modelmake.selfplay.train import train_settings as selfplay_train
+    from modelmake.serve import PoolSpec
+
+    generate = asdict(GenerateSettings(model="m", sampling=Sampling(), config_key=None))
+    return {
+        "$defs.sampling": asdict(Sampling()),
+        "$defs.generation": {k: generate[k] for k in ("max_conversation_tokens", "concurrency", "retries",
+                                                      "max_failure_share")},
+        "serve": {k: v for k, v in asdict(PoolSpec(model="m", served_name="t")).items()
+                  if k not in ("model", "served_name", "servers", "host", "seed")},
+        "$defs.arena_stage": asdict(TrainSettings()),
+        "arena.template": asdict(TemplateSettings()),  # a standalone copy (shipped with the submission)
+        "router.train": router_train({}),
+        "$defs.selfplay_train": selfplay_train({}),
+    }
+
+
+def test_typed_settings_have_the_schemas_defaults():
+    from modelmake.config import defaults
+
+    for where, got in typed_settings().items():
+        want = defaults(where)
+        assert got == {k: want[k] for k in got}, where
+    assert typed_settings()["router.train"] == {k: v for k, v in defaults("router.train").items()
+                                                if k not in ("deepspeed", "processes", "gpu")}
+
+
+def test_a_schema_default_change_reaches_the_code(patched_schema):
+    from modelmake.cli import parser
+
+    patched_schema({"router.train.lr": 0.123, "$defs.selfplay_train.beta": 0.77, "$defs.generation.retries": 9,
+                    "$defs.sampling.top_p": 0.5, "serve.dtype": "bfloat16", "$defs.arena_stage.lr": 0.5,
+                    "router.evaluate.points": 7, "serve.idle_timeout_s": 3})
+    got = typed_settings()
+    assert got["router.train"]["lr"] == 0.123
+    assert got["$defs.selfplay_train"]["beta"] == 0.77
+    assert got["$defs.generation"]["retries"] == 9
+    assert got["$defs.sampling"]["top_p"] == 0.5
+    assert got["serve"]["dtype"] == "bfloat16"
+    assert got["$defs.arena_stage"]["lr"] == 0.5
+    assert parser().parse_args(["router-evaluate", "s", "--metrics", "m", "--plot", "p"]).points == 7
+    assert parser().parse_args(["serve", "--folder", "f", "--log-dir", "l", "--spec", "{}"]).idle_timeout == 3
+
+
+def test_command_line_defaults_are_the_schemas():
+    from modelmake.cli import parser
+    from modelmake.config import default
+
+    def args(*argv):
+        return parser().parse_args(list(argv))
+
+    serve = args("serve", "--folder", "f", "--log-dir", "l", "--spec", "{}")
+    assert (serve.ready_timeout, serve.idle_timeout) == (default("serve.ready_timeout_s"),
+                                                         default("serve.idle_timeout_s"))
+    assert args("reformat", "x", "--out", "o").on_error == default("reformat.on_error")
+    assert args("router-score", "--model", "m", "--split", "s").batch_size == default("router.score.batch_size")
+    assert args("router-evaluate", "s", "--metrics", "m", "--plot", "p").points == default("router.evaluate.points")
+    assert args("arena-export", "--model", "m", "--labelled", "l", "--valid-fold", "0", "--stage-eval", "e",
+                "--out", "o").tolerance == default("arena.export.tolerance")
+    assert args("selfplay-eval", "t", "--model", "m", "--start", "s", "--out", "o", "--beta", "0.1",
+                "--iteration", "0").max_length == default("$defs.selfplay_train.max_length")

@@ -182,6 +182,46 @@ def test_a_template_without_generation_markers_is_refused(base):
         check_template(tok, conversation("q", 3))
 
 
+class Configured(Exception):
+    """Raised by a stand-in SFTConfig: what the trainer was configured with, no training."""
+
+
+@pytest.mark.parametrize("schema_lr", [None, 0.123])
+def test_train_router_without_settings_trains_with_the_schemas_defaults(base, tmp_path, monkeypatch, schema_lr):
+    """train_router given no settings takes every value from the schema's router.train defaults,
+    and sees a change of them (schema_lr: the schema's lr patched)."""
+    import copy
+
+    import pandas as pd
+    import trl
+
+    from modelmake import config as cfg
+    from modelmake.router.train import train_router
+
+    if schema_lr is not None:
+        root = copy.deepcopy(cfg.schema())
+        root["properties"]["router"]["properties"]["train"]["properties"]["lr"]["default"] = schema_lr
+        monkeypatch.setattr(cfg, "schema", lambda: root)
+
+    def configured(**kwargs):
+        raise Configured(kwargs)
+
+    monkeypatch.setattr(trl, "SFTConfig", configured)
+    df = pd.DataFrame({"messages": [conversation(f"question {i}", 3) for i in range(4)], "system": SYSTEM})
+    df.to_parquet(tmp_path / "train.parquet")
+    with pytest.raises(Configured) as got:
+        train_router(tmp_path / "train.parquet", tmp_path / "train.parquet", base, tmp_path / "out", tmp_path / "ckpt",
+                     settings={}, deepspeed=None, seed=0, config={})
+    args = got.value.args[0]
+    want = cfg.defaults("router.train")
+    assert args["learning_rate"] == (schema_lr or want["lr"])
+    assert (args["num_train_epochs"], args["per_device_train_batch_size"], args["gradient_accumulation_steps"],
+            args["max_length"], args["warmup_steps"], args["weight_decay"], args["save_steps"], args["logging_steps"],
+            args["bf16"], args["gradient_checkpointing"]) == (
+        want["epochs"], want["batch_size"], want["grad_accum"], want["max_length"], want["warmup_ratio"],
+        want["weight_decay"], want["save_steps"], want["logging_steps"], want["bf16"], want["gradient_checkpointing"])
+
+
 # --- scoring
 
 

@@ -146,3 +146,50 @@ def test_killed_iteration_rerun_after_its_data_changed_does_not_resume_the_old_c
                              loss_png=root / "loss.png")
     assert counts["steps"] == 2  # 8 rows / 4 from step 0, not the old data's checkpoint-4
     assert counts["examples"] == 8
+
+
+class Configured(Exception):
+    """Raised by a stand-in KTOConfig or trainer: what the iteration was configured with, no training."""
+
+
+@pytest.mark.parametrize("schema_beta", [None, 0.77])
+def test_an_iteration_without_settings_trains_with_the_schemas_defaults(tiny, monkeypatch, schema_beta):
+    """train_iteration given no settings takes every value from the schema's $defs/selfplay_train
+    defaults, and sees a change of them (schema_beta: the schema's beta patched)."""
+    import copy
+
+    import trl
+
+    import modelmake.selfplay.train as sp_train
+    from modelmake import config as cfg
+
+    if schema_beta is not None:
+        root = copy.deepcopy(cfg.schema())
+        root["$defs"]["selfplay_train"]["properties"]["beta"]["default"] = schema_beta
+        monkeypatch.setattr(cfg, "schema", lambda: root)
+    monkeypatch.setattr(trl, "KTOConfig", lambda **kwargs: kwargs)
+
+    def trainer(**kwargs):
+        raise Configured(kwargs)
+
+    monkeypatch.setattr(sp_train, "nnpu_kto_trainer", trainer)
+    with pytest.raises(Configured) as got:
+        sp_train.train_iteration(tiny / "kto.parquet", tiny / "model", tiny / "d" / "model", ckpt_dir=tiny / "d" / "ckpt",
+                                 settings={}, seed=0, loss_png=tiny / "d" / "loss.png")
+    args, want = got.value.args[0], cfg.defaults("$defs.selfplay_train")
+    assert args["args"]["beta"] == (schema_beta or want["beta"])
+    assert (args["prior"], args["gamma"]) == (want["prior"], want["gamma"])
+    kto = args["args"]
+    assert (kto["learning_rate"], kto["num_train_epochs"], kto["per_device_train_batch_size"], kto["max_length"],
+            kto["desirable_weight"], kto["undesirable_weight"], kto["save_steps"]) == (
+        want["learning_rate"], want["epochs"], want["batch_size"], want["max_length"], want["desirable_weight"],
+        want["undesirable_weight"], want["save_steps"])
+
+
+def test_a_settings_key_the_schema_does_not_list_is_refused(tiny):
+    from modelmake.errors import UserError
+    from modelmake.selfplay.train import train_iteration
+
+    with pytest.raises(UserError, match=r"selfplay.train: unknown keys \['lr'\]; allowed: \[.*'learning_rate'"):
+        train_iteration(tiny / "kto.parquet", tiny / "model", tiny / "e" / "model", ckpt_dir=tiny / "e" / "ckpt",
+                        settings={"lr": 0.1}, seed=0, loss_png=tiny / "e" / "loss.png")

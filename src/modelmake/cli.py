@@ -76,6 +76,8 @@ def cmd_generate(a) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from modelmake.config import default
+
     ap = argparse.ArgumentParser(prog="modelmake", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -86,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reformat", help="raw chat jsonl -> {id, messages} parquet")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--out", required=True)
-    p.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    p.add_argument("--on-error", choices=["fail", "skip"], default=default("reformat.on_error"))
     p.add_argument("--rejects")
     p.add_argument("--stats")
     p.set_defaults(func=cmd_reformat)
@@ -109,8 +111,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", required=True, help="the pool folder (lock, leases, readiness files)")
     p.add_argument("--log-dir", required=True)
     p.add_argument("--spec", required=True, help="JSON of modelmake.serve.PoolSpec")
-    p.add_argument("--ready-timeout", type=float, default=900)
-    p.add_argument("--idle-timeout", type=float, default=15, help="stop after this long without a lease")
+    p.add_argument("--ready-timeout", type=float, default=default("serve.ready_timeout_s"))
+    p.add_argument("--idle-timeout", type=float, default=default("serve.idle_timeout_s"),
+                   help="stop after this long without a lease")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate the assistant turns of a jsonl of conversations")
@@ -121,8 +124,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-spec", required=True, help="JSON of modelmake.serve.PoolSpec")
     p.add_argument("--pool-folder", required=True, help="the pool's folder (a subfolder per host)")
     p.add_argument("--pool-logs", required=True, help="the pool's log folder (a subfolder per host)")
-    p.add_argument("--ready-timeout", type=float, default=900)
-    p.add_argument("--idle-timeout", type=float, default=15)
+    p.add_argument("--ready-timeout", type=float, default=default("serve.ready_timeout_s"))
+    p.add_argument("--idle-timeout", type=float, default=default("serve.idle_timeout_s"))
     p.set_defaults(func=cmd_generate)
 
     # Each pipeline package adds its own subcommands (modelmake.<pipeline>.cli.add_commands), so

@@ -8,6 +8,8 @@ exist (relative to the working directory).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,8 @@ def _children(schema: dict, value: Any, root: dict):
 
 
 def _with_defaults(schema: dict, value: Any, root: dict) -> Any:
-    """Fill schema defaults into a config (objects only, recursively)."""
+    """Fill schema defaults into a config (objects only, recursively; not into list items, such as
+    selfplay.per_iteration's overrides, where a default would override the value laid under it)."""
     schema = _resolve(schema, root)
     if isinstance(value, dict) and schema.get("type") == "object":
         for k, sub in schema.get("properties", {}).items():
@@ -73,6 +76,68 @@ def _with_defaults(schema: dict, value: Any, root: dict) -> Any:
         for k, sub, v in list(_children(schema, value, root)):
             value[k] = _with_defaults(sub, v, root)
     return value
+
+
+@functools.cache
+def schema() -> dict:
+    """schemas/config.schema.yaml, read once. The one source of every setting's default: the library
+    asks :func:`default`, :func:`defaults` and :func:`fill_defaults` instead of keeping values of its own."""
+    import yaml
+
+    return yaml.load(SCHEMA.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def schema_at(where: str) -> dict:
+    """The schema node (``$ref`` merged in) of a config key: ``router.train`` or ``router.train.lr``
+    (a section's properties, by dotted path), ``$defs.selfplay_train.beta`` (a definition's), or a
+    JSON pointer such as ``#/$defs/generation``."""
+    root = schema()
+    if where.startswith("#/"):
+        path = [seg.replace("~1", "/").replace("~0", "~") for seg in where[2:].split("/") if seg]
+    else:
+        keys = where.split(".")
+        head, keys = (["$defs", keys[1]], keys[2:]) if keys[0] == "$defs" and len(keys) > 1 else ([], keys)
+        path = head + [x for k in keys for x in ("properties", k)]
+    node = root
+    for i, seg in enumerate(path):
+        node = _resolve(node, root)
+        if not isinstance(node, dict) or seg not in node:
+            raise KeyError(f"the schema has no {where!r} ({'/'.join(path[: i + 1])} is missing)")
+        node = node[seg]
+    return _resolve(node, root)
+
+
+def default(where: str) -> Any:
+    """The schema's default of one key (see :func:`schema_at` for ``where``), a fresh copy."""
+    node = schema_at(where)
+    if "default" not in node:
+        raise KeyError(f"the schema gives {where!r} no default")
+    return copy.deepcopy(node["default"])
+
+
+def defaults(where: str) -> dict:
+    """Every default of an object in the schema (nested objects with defaults too)."""
+    return fill_defaults(where, {})
+
+
+def fill_defaults(where: str, given: dict | None = None, *, check: str | None = None) -> dict:
+    """``given`` (a settings dict, e.g. a config slice) filled with the schema's defaults for the
+    object at ``where``; ``given`` is not changed. With ``check`` (the config key errors name), a
+    key the schema does not list raises :class:`ConfigError`."""
+    node = schema_at(where)
+    given = dict(given or {})
+    if check is not None:
+        allowed = node.get("properties", {})
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            raise ConfigError(f"{check}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+    return _with_defaults(node, copy.deepcopy(given), schema())
+
+
+def schema_field(where: str) -> Any:
+    """A dataclass field whose default is the schema's default of ``where``, read when an instance is
+    made: typed settings with the schema's defaults and no copy of them."""
+    return dataclasses.field(default_factory=functools.partial(default, where))
 
 
 def _annotated(schema: dict, value: Any, root: dict, mark: str, at: tuple = (), parent: Any = None):

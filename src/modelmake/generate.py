@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from modelmake.config import schema_field
 from modelmake.errors import GenerationError
 from modelmake.files import atomic_open, dumps, read_jsonl
 
@@ -36,11 +37,13 @@ RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 @dataclass(frozen=True)
 class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    seed: int = 0
-    ignore_eos: bool = False  # generate max_tokens every time (benchmarks)
+    """Per-request sampling (schema $defs/sampling, whose defaults these are)."""
+
+    temperature: float = schema_field("$defs.sampling.temperature")
+    top_p: float = schema_field("$defs.sampling.top_p")
+    max_tokens: int = schema_field("$defs.sampling.max_tokens")
+    seed: int = schema_field("$defs.sampling.seed")
+    ignore_eos: bool = schema_field("$defs.sampling.ignore_eos")  # always max_tokens (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,13 @@ class GenerateSettings:
     # its keys; None only for settings that predate it (errors then say "the generation settings'")
     config_key: str | None
     teacher_source: dict | None = None  # what identifies the served model's weights (path or asset)
-    max_conversation_tokens: int = 4096
-    concurrency: int = 8
-    retries: int = 4
+    # schema $defs/generation, whose defaults these are (a section may set its own: selfplay.concurrency)
+    max_conversation_tokens: int = schema_field("$defs.generation.max_conversation_tokens")
+    concurrency: int = schema_field("$defs.generation.concurrency")
+    retries: int = schema_field("$defs.generation.retries")
     backoff_s: float = 0.5
     request_timeout_s: float = 300.0
-    max_failure_share: float = 0.05
+    max_failure_share: float = schema_field("$defs.generation.max_failure_share")
 
     @classmethod
     def from_dict(cls, model: str, opts: dict) -> GenerateSettings:

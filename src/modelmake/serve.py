@@ -36,9 +36,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from modelmake.config import schema_field
 from modelmake.errors import ServiceError
 from modelmake.files import read_json, write_json
 from modelmake.procs import free_port, locked, start_in_group, start_time, stop_process_groups
@@ -68,14 +69,15 @@ class PoolSpec:
     served_name: str
     servers: int = 1
     host: str = "127.0.0.1"
-    max_model_len: int = 2048
-    dtype: str = "auto"
+    # the serve section's keys, with its defaults (seed: the config's seed)
+    max_model_len: int = schema_field("serve.max_model_len")
+    dtype: str = schema_field("serve.dtype")
     seed: int = 0
-    enforce_eager: bool = False
-    cpu_threads_per_server: int = 1
-    cpu_kvcache_gib: int = 1
-    vllm_args: list[str] = field(default_factory=list)
-    health_interval_s: float = 2.0
+    enforce_eager: bool = schema_field("serve.enforce_eager")
+    cpu_threads_per_server: int = schema_field("serve.cpu_threads_per_server")
+    cpu_kvcache_gib: int = schema_field("serve.cpu_kvcache_gib")
+    vllm_args: list[str] = schema_field("serve.vllm_args")
+    health_interval_s: float = schema_field("serve.health_interval_s")
 
 
 def devices(n: int, cpu_threads: int) -> list[dict[str, str]]:

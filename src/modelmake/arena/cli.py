@@ -23,9 +23,11 @@ def named(items: list[str], what: str) -> dict[str, str]:
 
 def cmd_prepare(a) -> None:
     from modelmake.arena.data import prepare
+    from modelmake.config import default
 
     cfg = json.loads(a.config)
-    counts = prepare(a.inputs, a.out, labelled=a.labelled, folds=cfg.get("folds", 1), config=cfg)
+    folds = cfg.get("folds", default("arena.folds"))
+    counts = prepare(a.inputs, a.out, labelled=a.labelled, folds=folds, config=cfg)
     log.info("arena data: %s", counts)
 
 
@@ -83,6 +85,8 @@ def cmd_report(a) -> None:
 
 
 def add_commands(sub) -> None:
+    from modelmake.config import default
+
     p = sub.add_parser("arena-prepare", help="arena: pairwise jsonl -> parquet (with folds when labelled)")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--out", required=True)
@@ -136,7 +140,7 @@ def add_commands(sub) -> None:
     p.add_argument("--labelled", required=True)
     p.add_argument("--valid-fold", type=int, required=True)
     p.add_argument("--stage-eval", required=True)
-    p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--tolerance", type=float, default=default("arena.export.tolerance"))
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
@@ -146,7 +150,7 @@ def add_commands(sub) -> None:
     p.add_argument("--labelled", required=True)
     p.add_argument("--valid-fold", type=int, required=True)
     p.add_argument("--settings", required=True, help="JSON: weights, confident_margin")
-    p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--tolerance", type=float, default=default("arena.export.tolerance"))
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_ensemble)
 

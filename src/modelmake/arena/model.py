@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from modelmake.arena.template import TemplateSettings, build_input
+from modelmake.config import schema_field
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +23,17 @@ LABELS = {0: "model_a", 1: "model_b"}
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: float = 1.0
-    lr: float = 1e-3
-    batch_size: int = 16
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0  # hard labels become [1 - s/2, s/2]
-    swap_augment: bool = True  # add every training pair once more with A and B swapped
-    save_steps: int = 20  # a checkpoint every this many steps (what a killed run resumes from)
-    max_steps: int = -1  # > 0 caps the run (tests)
+    """A stage's training settings (arena.stage1..3, schema $defs/arena_stage, whose defaults these are)."""
+
+    epochs: float = schema_field("$defs.arena_stage.epochs")
+    lr: float = schema_field("$defs.arena_stage.lr")
+    batch_size: int = schema_field("$defs.arena_stage.batch_size")
+    warmup_ratio: float = schema_field("$defs.arena_stage.warmup_ratio")
+    weight_decay: float = schema_field("$defs.arena_stage.weight_decay")
+    label_smoothing: float = schema_field("$defs.arena_stage.label_smoothing")  # hard labels: [1 - s/2, s/2]
+    swap_augment: bool = schema_field("$defs.arena_stage.swap_augment")  # each pair again, A and B swapped
+    save_steps: int = schema_field("$defs.arena_stage.save_steps")  # checkpoint interval (resume point)
+    max_steps: int = schema_field("$defs.arena_stage.max_steps")  # > 0 caps the run (tests)
 
 
 def load_tokenizer(folder: str | Path):

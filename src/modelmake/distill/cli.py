@@ -6,11 +6,12 @@ import json
 
 
 def cmd_chat_data(a) -> None:
+    from modelmake.config import default
     from modelmake.distill.data import build_chat
 
     s = json.loads(a.settings)
     build_chat(a.parquets, a.tokenizer, a.out_train, a.out_eval, max_len=s["max_len"], eval_rows=s["eval_rows"],
-               seed=s["seed"], max_rows=s.get("max_rows"))
+               seed=s["seed"], max_rows=s.get("max_rows", default("distill.chat.max_rows")))
 
 
 def cmd_web_data(a) -> None:
@@ -26,16 +27,17 @@ def cmd_init(a) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from modelmake.config import fill_defaults
     from modelmake.distill.hybrid import from_teacher
     from modelmake.errors import ConfigError
     from modelmake.training import save_model_folder, seed_everything
 
-    s = json.loads(a.settings)
+    s = fill_defaults("distill.student", json.loads(a.settings))  # rwkv_layers, use_fla; and the seed
     started = time.time()
     seed_everything(s["seed"])
     teacher = AutoModelForCausalLM.from_pretrained(a.teacher)
     try:
-        student = from_teacher(teacher, s["rwkv_layers"], use_fla=s.get("use_fla", False))
+        student = from_teacher(teacher, s["rwkv_layers"], use_fla=s["use_fla"])
     except ValueError as e:
         raise ConfigError(f"distill.student.rwkv_layers: {e}") from None
     save_model_folder(a.out, student, AutoTokenizer.from_pretrained(a.teacher), config=s, inputs=[a.teacher],
@@ -45,9 +47,10 @@ def cmd_init(a) -> None:
 
 
 def cmd_stage(a) -> None:
+    from modelmake.config import fill_defaults
     from modelmake.distill.launch import run_stage
 
-    lay = json.loads(a.layout)
+    lay = fill_defaults("distill.service", json.loads(a.layout))
     job = {"settings": json.loads(a.settings), "teacher": a.teacher, "student": a.student, "data": a.data,
            "out": a.out, "plot": a.plot, "history": a.history, "ckpt": a.ckpt, "ready_dir": a.ready_dir,
            "groups": lay["groups"], "ranks_per_group": lay["ranks_per_group"], "teacher_mode": lay["mode"],
@@ -56,9 +59,10 @@ def cmd_stage(a) -> None:
 
 
 def cmd_eval(a) -> None:
+    from modelmake.config import fill_defaults
     from modelmake.distill.evaluate import evaluate, plot_metrics
 
-    s = json.loads(a.settings)
+    s = fill_defaults("distill.eval", json.loads(a.settings))
     students = dict(x.split("=", 1) for x in a.student)
     evals = dict(x.split("=", 1) for x in a.eval)
     metrics = evaluate(a.teacher, students, evals, a.out, batch_size=s["batch_size"],

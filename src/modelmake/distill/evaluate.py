@@ -8,13 +8,15 @@ import math
 import time
 from pathlib import Path
 
+from modelmake.config import default
 from modelmake.files import pyplot, save_figure, write_json
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(teacher_dir: str, students: dict[str, str], evals: dict[str, str], out: str, *, batch_size: int = 8,
-             temperature: float = 1.0, config: dict | None = None) -> dict:
+def evaluate(teacher_dir: str, students: dict[str, str], evals: dict[str, str], out: str, *,
+             batch_size: int = default("distill.eval.batch_size"),
+             temperature: float = default("distill.eval.temperature"), config: dict | None = None) -> dict:
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from modelmake.config import default, fill_defaults
 from modelmake.errors import ServiceError, UserError
 from modelmake.files import write_json
 from modelmake.procs import free_port, log_tail, start_in_group, stop_process_groups
@@ -39,7 +40,8 @@ class TrainingError(UserError):
     """A process of a distillation stage failed; the others were stopped."""
 
 
-def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool = False) -> None:
+def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float,
+              gpu: bool = default("distill.service.gpu")) -> None:
     from modelmake.distill.service import Layout
 
     log_dir = Path(log_dir)
@@ -52,7 +54,10 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool 
     layout = Layout(job["groups"], job["ranks_per_group"])
     service = job["teacher_mode"] == "service"
     world = layout.world_size if service else layout.groups * layout.ranks_per_group
-    job = {**job, "backend": "nccl" if gpu else "gloo"}
+    # the stage's settings and threads with the schema's defaults (distill.stageN, distill.service)
+    job = {"threads_per_process": default("distill.service.threads_per_process"), **job,
+           "settings": fill_defaults("$defs.distill_stage", job["settings"]),
+           "backend": "nccl" if gpu else "gloo"}
     # this supervisor is the only process that clears and marks the folder; the trainers it starts
     # resume from what it kept (training.resume_checkpoint)
     key = checkpoint_key(resume_settings(job), [job["teacher"], job["student"], *job["data"]])
@@ -81,7 +86,7 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, gpu: bool 
                     else f"trainer{layout.role(rank)[2] if service else rank}")
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                    "MASTER_PORT": str(port), "LOCAL_RANK": "0" if gpu else str(rank),
-                   "OMP_NUM_THREADS": str(job.get("threads_per_process", 1)),
+                   "OMP_NUM_THREADS": str(job["threads_per_process"]),
                    # the children import this very modelmake, whatever sys.path the caller had
                    "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
             if gpu:

@@ -44,7 +44,7 @@ def out_dtype(job: dict, device):
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        job["settings"].get("transfer_dtype", "float32") if device.type == "cuda" else "float32"]
+        job["settings"]["transfer_dtype"] if device.type == "cuda" else "float32"]
 
 
 def spec_for(config, job: dict):
@@ -338,7 +338,7 @@ def main(job_path: str) -> None:
 def torch_threads(job: dict) -> None:
     import torch
 
-    torch.set_num_threads(max(1, int(job.get("threads_per_process", 1))))
+    torch.set_num_threads(max(1, int(job["threads_per_process"])))
 
 
 if __name__ == "__main__":

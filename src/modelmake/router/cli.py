@@ -110,6 +110,8 @@ def _write_rows(rows: list[dict], out: str | None) -> None:
 
 
 def add_commands(sub) -> None:
+    from modelmake.config import default
+
     p = sub.add_parser("router-data", help="scored prompts jsonl -> train / calib / test parquet")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--train", required=True)
@@ -129,7 +131,8 @@ def add_commands(sub) -> None:
     p.add_argument("--base", required=True, help="the base model folder")
     p.add_argument("--out", required=True, help="ZeRO-3 checkpoint folder (with --deepspeed) or model folder")
     p.add_argument("--ckpt-dir", required=True, help="Trainer checkpoints, kept for resuming")
-    p.add_argument("--settings", default="{}", help="JSON of training settings (modelmake.router.train.DEFAULTS)")
+    p.add_argument("--settings", default="{}",
+                   help="JSON of router.train settings (the schema's defaults fill the rest)")
     p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config; empty for plain training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="{}")
@@ -148,7 +151,7 @@ def add_commands(sub) -> None:
     src.add_argument("--split", help="a router split parquet: writes a scored parquet to --out")
     src.add_argument("--prompts", help="jsonl with \"prompt\" or plain text lines ('-': stdin): jsonl rows out")
     p.add_argument("--out", default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=default("router.score.batch_size"))
     p.add_argument("--config", default="{}")
     p.set_defaults(func=cmd_score)
 
@@ -165,14 +168,14 @@ def add_commands(sub) -> None:
     p.add_argument("--threshold", type=float, default=None, help="a threshold on p_weak_ok instead")
     p.add_argument("--prompts", required=True, help="jsonl with \"prompt\" or plain text lines ('-': stdin)")
     p.add_argument("--out", default=None, help="jsonl out (default: stdout)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=default("router.score.batch_size"))
     p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("router-evaluate", help="threshold sweep, cost/quality curve, APGR, CPT")
     p.add_argument("scored", help="the scored test split")
     p.add_argument("--metrics", required=True)
     p.add_argument("--plot", required=True)
-    p.add_argument("--points", type=int, default=20)
+    p.add_argument("--points", type=int, default=default("router.evaluate.points"))
     p.add_argument("--calibration", default=None)
     p.add_argument("--config", default="{}")
     p.set_defaults(func=cmd_evaluate)

@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from modelmake.config import default
 from modelmake.errors import UserError
 from modelmake.files import pyplot, save_figure, write_json
 
@@ -91,7 +92,8 @@ def summarize(points: list[dict], q_weak: float, q_strong: float) -> dict:
     }
 
 
-def evaluate_scores(df, *, points: int = 20, calibration: dict | None = None) -> dict:
+def evaluate_scores(df, *, points: int = default("router.evaluate.points"),
+                    calibration: dict | None = None) -> dict:
     """Metrics of a scored test set (columns p_weak_ok, expected_score, weak_score, strong_score)."""
     import numpy as np
 

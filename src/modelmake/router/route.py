@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from modelmake.config import default
 from modelmake.errors import UserError
 from modelmake.files import read_json
 
@@ -62,7 +63,8 @@ class Router:
     """route(prompts) -> ["strong" | "weak"], with a threshold from a calibration file."""
 
     def __init__(self, model_dir: str | Path, calibration: str | Path | None = None, *,
-                 strong_share: float | None = None, threshold: float | None = None, batch_size: int = 32):
+                 strong_share: float | None = None, threshold: float | None = None,
+                 batch_size: int = default("router.score.batch_size")):
         from modelmake.router.score import RouterModel
 
         if threshold is None:

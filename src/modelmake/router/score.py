@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
+from modelmake.config import default
 from modelmake.errors import UserError
 from modelmake.files import read_json
 from modelmake.router.tokens import ROUTER_JSON, label_token_ids, prompt_messages
@@ -64,7 +65,8 @@ class RouterModel:
         return torch.softmax(logits[:, self.label_ids].float(), dim=-1).cpu()
 
 
-def score_prompts(router: RouterModel | str | Path, prompts: Iterable[str], batch_size: int = 32) -> "Any":
+def score_prompts(router: RouterModel | str | Path, prompts: Iterable[str],
+                  batch_size: int = default("router.score.batch_size")) -> "Any":
     """A DataFrame with COLUMNS, one row per prompt, in order."""
     import pandas as pd
     import torch

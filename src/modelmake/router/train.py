@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modelmake.config import fill_defaults
 from modelmake.errors import UserError
 from modelmake.files import write_json
 from modelmake.procs import free_port
@@ -39,21 +40,15 @@ log = logging.getLogger(__name__)
 
 DIGEST = "weights_digest.json"  # in a ZeRO-3 output: hashes of the gathered trained weights
 
-DEFAULTS = {
-    "epochs": 3,
-    "lr": 1e-3,
-    "batch_size": 16,
-    "grad_accum": 1,
-    "max_length": 256,
-    "warmup_ratio": 0.05,
-    "weight_decay": 0.0,
-    "save_steps": 50,
-    "logging_steps": 5,
-    "bf16": False,
-    # TRL's SFTConfig turns it on by default: a second forward per step, worth it only when
-    # activations do not fit (a large base model on GPU)
-    "gradient_checkpointing": False,
-}
+# router.train keys that shape the job (launcher, GPUs, DeepSpeed), passed apart from the settings
+JOB_KEYS = ("deepspeed", "processes", "gpu")
+
+
+def train_settings(given: dict) -> dict:
+    """The training settings: ``given`` filled with the schema's router.train defaults (the keys of
+    JOB_KEYS left out). TRL's SFTConfig turns gradient checkpointing on by default; the schema's
+    default keeps it off (a second forward per step, worth it only for a large base model on GPU)."""
+    return {k: v for k, v in fill_defaults("router.train", given).items() if k in given or k not in JOB_KEYS}
 
 
 def ensure_process_group_env() -> None:
@@ -137,7 +132,7 @@ def train_router(
     )
 
     started = time.time()
-    s = {**DEFAULTS, **settings}
+    s = train_settings(settings)
     deepspeed_on_cpu = deepspeed is not None and not torch.cuda.is_available()
     if deepspeed is not None:
         ensure_process_group_env()

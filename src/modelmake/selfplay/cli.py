@@ -55,6 +55,8 @@ def cmd_plot(a) -> None:
 
 
 def add_commands(sub) -> None:
+    from modelmake.config import default
+
     p = sub.add_parser("selfplay-prompts", help="reformatted chat parquet -> single-turn {id, prompt, real}")
     p.add_argument("reformatted")
     p.add_argument("--out", required=True)
@@ -92,7 +94,7 @@ def add_commands(sub) -> None:
     p.add_argument("--start", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--beta", type=float, required=True)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=default("$defs.selfplay_train.max_length"))
     p.add_argument("--iteration", type=int, required=True)
     p.set_defaults(func=cmd_eval)
 

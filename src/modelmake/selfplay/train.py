@@ -19,13 +19,19 @@ import shutil
 import time
 from pathlib import Path
 
+from modelmake.config import fill_defaults
 from modelmake.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"beta": 0.1, "prior": 0.3, "gamma": 1.0, "learning_rate": 5e-5, "epochs": 1,
-            "batch_size": 8, "max_length": 256, "desirable_weight": 1.0, "undesirable_weight": 1.0,
-            "save_steps": 20}
+
+def train_settings(given: dict) -> dict:
+    """One iteration's training settings: ``given`` filled with the schema's $defs/selfplay_train
+    defaults; a key the schema does not list is refused."""
+    s = fill_defaults("$defs.selfplay_train", given, check="selfplay.train")
+    if not 0 <= s["prior"] < 1:
+        raise UserError(f"selfplay.train.prior: {s['prior']} must be in [0, 1)")
+    return s
 
 
 def _trainer_class():
@@ -42,7 +48,7 @@ def _trainer_class():
         (corrective step size). beta and the desirable/undesirable weights come from KTOConfig.
         """
 
-        def __init__(self, *args, prior: float, gamma: float = 1.0, **kwargs):
+        def __init__(self, *args, prior: float, gamma: float, **kwargs):
             self.prior, self.gamma = prior, gamma
             super().__init__(*args, **kwargs)
 
@@ -104,12 +110,7 @@ def train_iteration(dataset: str | Path, start_model: str | Path, out: str | Pat
     )
 
     started = time.time()
-    s = {**DEFAULTS, **settings}
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        raise UserError(f"selfplay.train: unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULTS)}")
-    if not 0 <= s["prior"] < 1:
-        raise UserError(f"selfplay.train.prior: {s['prior']} must be in [0, 1)")
+    s = train_settings(settings)
     if not Path(start_model, "config.json").exists():
         raise UserError(f"{start_model}: not a model folder (no config.json); build it first")
     ds = datasets.load_dataset("parquet", data_files=str(dataset), split="train")
