@@ -255,6 +255,34 @@ def test_mismatched_batch_is_rejected_by_both_sides_not_deadlocked(tmp_path):
     assert "batch: teacher 2, trainer 3" in got[1]
 
 
+def fake_chunk_rwkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False, **_):
+    """A FAKE of fla's ``chunk_rwkv6``, which needs a GPU: its documented contract (fla 0.6: r, k, v,
+    w as [B, T, H, K] with w the log forget gate, u [H, K], o [B, T, H, V]) computed step by step in
+    plain PyTorch, written from that contract alone. It checks the layout the student hands fla."""
+    bsz, t, h, d = r.shape
+    assert k.shape == v.shape == w.shape == (bsz, t, h, d) and u.shape == (h, d) and scale == 1.0
+    s = torch.zeros(bsz, h, d, d, dtype=r.dtype)
+    out = []
+    for i in range(t):
+        kv = k[:, i, :, :, None] * v[:, i, :, None, :]  # [B, H, K, V]
+        out.append(torch.einsum("bhk,bhkv->bhv", r[:, i], s + u[None, :, :, None] * kv))
+        s = torch.exp(w[:, i])[..., None] * s + kv
+    return torch.stack(out, dim=1), None
+
+
+def test_the_fla_call_follows_flas_layout(monkeypatch):
+    """The fast path's layout, on the CPU: fla_rwkv6 through the fake above equals the recurrence
+    (batch, heads, length and head size all differ, so a swapped axis fails)."""
+    monkeypatch.setattr(hybrid, "chunk_rwkv6", fake_chunk_rwkv6)
+    g = torch.Generator().manual_seed(0)
+    b, h, t, d = 2, 3, 5, 4
+    r, k, v = (torch.randn(b, h, t, d, generator=g) for _ in range(3))
+    logw = -torch.rand(h, d, generator=g) - 0.05
+    u = torch.randn(h, d, generator=g)
+    want, _ = hybrid.recurrence(r, k, v, torch.exp(logw)[None, :, None, :].expand(b, -1, t, -1), u)
+    torch.testing.assert_close(hybrid.fla_rwkv6(r, k, v, logw, u), want)
+
+
 @pytest.mark.skipif(hybrid.chunk_rwkv6 is None or not torch.cuda.is_available(),
                     reason="flash-linear-attention is not installed / no GPU here: its Triton kernels need one")
 def test_fla_fast_path_gives_the_pure_pytorch_outputs():

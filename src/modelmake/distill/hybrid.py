@@ -64,6 +64,21 @@ def recurrence(r, k, v, w, u, state=None):
     return torch.stack(ys, dim=2), s
 
 
+def fla_rwkv6(r, k, v, logw, u):
+    """:func:`recurrence` through flash-linear-attention's ``chunk_rwkv6`` (Triton; GPU only).
+
+    Takes and returns this module's layout, r, k, v: [B, H, T, D], ``logw``: the log decay [H, D],
+    ``u``: the bonus [H, D], and gives fla its own (fla 0.6): r, k, v and the log decay per step as
+    [B, T, H, D], u as [H, D], scale 1 (the keys are already scaled); its output [B, T, H, D] comes
+    back as [B, H, T, D].
+    """
+    b, _, t, _ = r.shape
+    r, k, v = (x.transpose(1, 2).contiguous() for x in (r, k, v))
+    w = logw[None, None].expand(b, t, -1, -1).to(r.dtype).contiguous()
+    y, _ = chunk_rwkv6(r, k, v, w, u.to(r.dtype), scale=1.0)
+    return y.transpose(1, 2)
+
+
 class TimeMix(nn.Module):
     """RWKV-style recurrent replacement for one layer's self-attention (same call signature)."""
 
@@ -122,8 +137,7 @@ class TimeMix(nn.Module):
             k = k * mask[:, None, :, None].to(k.dtype)  # padding never enters the state
         logw = -torch.exp(self.decay.float())  # log of the decay, [H, D]
         if self.use_fla and chunk_rwkv6 is not None and r.is_cuda:
-            y, _ = chunk_rwkv6(r, k, v, logw[None, :, None, :].expand(b, -1, t, -1).to(r.dtype),
-                               self.bonus.to(r.dtype), scale=1.0)
+            y = fla_rwkv6(r, k, v, logw, self.bonus)
         else:
             w = torch.exp(logw)[None, :, None, :].expand(b, -1, t, -1).to(r.dtype)
             y, _ = recurrence(r, k, v, w, self.bonus.to(r.dtype))
