@@ -130,6 +130,8 @@ rule distill_eval:
     benchmark:
         bench_path("distill", DI["name"], "eval.tsv")
     threads: 2
+    resources:
+        gpu=1 if DI["service"]["gpu"] else 0,  # then bf16 on it, two models at a time
     conda:
         "../envs/train.yaml"
     shell:
