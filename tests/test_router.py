@@ -144,22 +144,19 @@ def test_label_tokens_are_added_as_single_special_tokens_and_embeddings_resized(
 
 
 def test_sft_examples_train_on_the_answer_and_eos_only(base, tmp_path):
-    """TRL's own tokenization, as the trainer sees it: labels are [[k]] then EOS; the rest is masked."""
-    from datasets import Dataset
+    """TRL's batches from the router's tokenized examples: labels are [[k]] then EOS; the rest is masked."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from modelmake.router.train import check_template
+    from modelmake.router.train import sft_dataset
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     ids = add_label_tokens(tok, model)
     convs = [conversation("Prove that there are infinitely many primes.", 2), conversation("Hi there!", 5)]
-    check_template(tok, convs[0])
-    args = SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, max_length=128, report_to=[],
-                     use_cpu=True, per_device_train_batch_size=2)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"messages": convs}),
-                         processing_class=tok)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=128, report_to=[], use_cpu=True,
+                     per_device_train_batch_size=2)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(tok, convs, 128), processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     for row, k in enumerate([2, 5]):
         labels = batch["labels"][row]
@@ -170,16 +167,17 @@ def test_sft_examples_train_on_the_answer_and_eos_only(base, tmp_path):
         assert "[Question]" in tok.decode(seq) and "Predict the score" in tok.decode(seq)
 
 
-def test_a_template_without_generation_markers_is_refused(base):
+def test_a_template_without_generation_markers_gives_the_same_examples(base):
     from transformers import AutoTokenizer
 
-    from modelmake.router.train import check_template
+    from modelmake.router.train import sft_dataset
 
     tok = AutoTokenizer.from_pretrained(base)
     add_label_tokens(tok)
+    convs = [conversation("q", 3), conversation("Hi there!", 5)]
+    marked = sft_dataset(tok, convs, 128).to_dict()
     tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    with pytest.raises(UserError, match="generation"):
-        check_template(tok, conversation("q", 3))
+    assert sft_dataset(tok, convs, 128).to_dict() == marked
 
 
 class Configured(Exception):

@@ -5,8 +5,9 @@ Every row has ``input_ids``, ``attention_mask`` and ``labels`` of exactly ``max_
 *not* shifted: ``labels[t] == input_ids[t]`` where the token is trained on, and the model's loss
 shifts once (the original shifted here too and so trained on token t+2).
 
-* chat: each conversation through the model's own chat template; only assistant tokens (the
-  template's ``{% generation %}`` span) carry labels, user and system turns are -100.
+* chat: each conversation through the model's own chat template; only assistant tokens (each
+  assistant turn's content and end-of-turn token, ``chat.assistant_mask``: any template, with or
+  without ``{% generation %}`` markers) carry labels, user and system turns are -100.
 * web: C4-style jsonl/parquet (a ``text`` field) per language, interleaved round-robin by
   language (a seeded shuffle within each), EOS-joined and packed into ``max_len`` blocks.
 
@@ -20,6 +21,7 @@ import random
 import time
 from pathlib import Path
 
+from modelmake.chat import assistant_mask
 from modelmake.errors import RecordError, UserError
 from modelmake.files import jsonl_objects, provenance_record, write_parquet
 
@@ -53,9 +55,7 @@ def chat_rows(tokenizer, conversations: list[tuple[str, list[dict]]], max_len: i
         raise UserError("the teacher's tokenizer has no chat template; distill.chat needs one")
     rows = []
     for source, messages in conversations:
-        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        ids, amask = list(enc["input_ids"]), list(enc["assistant_masks"])
+        ids, amask = assistant_mask(tokenizer, messages)
         if not any(amask[:max_len]):
             continue  # nothing to learn within max_len
         labels = [t if m else -100 for t, m in zip(ids, amask)]

@@ -5,7 +5,8 @@ expert judge would give the weak model's answer. A conversation is the original 
 
 * system: the instruction (kept with the model, in ``router.json``, so scoring uses the same one);
 * user: ``"[Question]\\n<prompt>\\n\\nPrediction:\\n"``;
-* assistant: ``"[[k]]"``, followed by the tokenizer's EOS (the chat template must put it there).
+* assistant: ``"[[k]]"``, followed by the chat template's end-of-turn token (a special token, the
+  tokenizer's EOS or not: ``<|eot_id|>``, ``<|im_end|>``).
 """
 
 from __future__ import annotations

@@ -4,10 +4,13 @@ Fixes against the original script:
 
 * ``[[1]]``..``[[5]]`` are added as special tokens and the embeddings resized (original: kept);
 * the chat template renders the conversation (original: ``ROLE:\\n`` text with no EOS, so the trained
-  model never learned to stop and generation ran to ``max_new_tokens``); every example ends with
-  the tokenizer's EOS after ``[[k]]``, checked before training;
-* the loss is on the assistant answer only (``[[k]]`` + EOS), from the template's
-  ``{% generation %}`` mask (original: the whole text, instruction included, padded to 2048);
+  model never learned to stop and generation ran to ``max_new_tokens``); every example's answer is
+  ``[[k]]`` then the template's end-of-turn token (``<|eot_id|>``, ``<|im_end|>``: not necessarily
+  the tokenizer's ``eos_token``), checked before training;
+* the loss is on the assistant answer only (``[[k]]`` + end of turn), from ``chat.assistant_mask``:
+  any chat template, with or without ``{% generation %}`` markers; the examples reach TRL
+  tokenized (``input_ids`` + ``assistant_masks``) (original: the whole text, instruction included,
+  padded to 2048);
 * resumable: the Trainer's checkpoints go to ``ckpt_dir`` (kept when the job fails) and a rerun
   with the same recipe (settings, DeepSpeed config, inputs by content) resumes from the last
   complete one; after a config or data change it starts afresh (``training.prepare_checkpoint_dir``:
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modelmake.chat import assistant_mask, is_special
 from modelmake.config import fill_defaults
 from modelmake.errors import UserError
 from modelmake.files import write_json
@@ -76,29 +80,40 @@ def deepspeed_cpu_state() -> None:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
-def check_template(tokenizer: Any, conversation: list[dict]) -> None:
-    """The chat template must mark the answer for the loss mask and end it with EOS."""
-    out = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
-    ids, mask = out["input_ids"], out["assistant_masks"]
+def answer_tokens(tokenizer: Any, conversation: list[dict], label_ids: list[int] | None = None,
+                  where: str = "an example") -> tuple[list[int], list[int]]:
+    """(input_ids, assistant mask) of one router example; the masked answer must be one label
+    token then the template's end-of-turn token (a special token), so the router learns to stop."""
+    ids, mask = assistant_mask(tokenizer, conversation)
     answer = [i for i, m in zip(ids, mask) if m]
-    label_ids = tokenizer.convert_tokens_to_ids(LABEL_TOKENS)
+    label_ids = label_ids if label_ids is not None else tokenizer.convert_tokens_to_ids(LABEL_TOKENS)
     if not answer:
+        raise UserError(f"{where}: the chat template renders no assistant tokens; the router needs the answer [[k]] "
+                        "as the conversation's last (assistant) turn")
+    if len(answer) != 2 or answer[0] not in label_ids or not is_special(tokenizer, answer[-1]):
         raise UserError(
-            "the base model's chat template marks no assistant tokens: wrap assistant content in "
-            "{% generation %} ... {% endgeneration %} so the loss covers the answer only"
+            f"{where}: the chat template renders the answer as {tokenizer.convert_ids_to_tokens(answer)}; expected "
+            "one label token then the template's end-of-turn token (a special token such as <|eot_id|> or "
+            "<|im_end|>), so the router learns to stop after [[k]]. Use a base model whose template ends the "
+            "assistant turn on a special token right after its content"
         )
-    if answer[0] not in label_ids or answer[-1] != tokenizer.eos_token_id or len(answer) != 2:
-        raise UserError(
-            f"the chat template renders the answer as {tokenizer.convert_ids_to_tokens(answer)}; expected one "
-            f"label token then EOS ({tokenizer.eos_token!r}), so the router learns to stop after [[k]]"
-        )
+    return ids, mask
 
 
-def check_lengths(tokenizer: Any, conversations: list[list[dict]], max_length: int) -> None:
+def sft_dataset(tokenizer: Any, conversations: list[list[dict]], max_length: int, name: str = "data") -> Any:
+    """The conversations tokenized for TRL: ``input_ids`` and ``assistant_masks`` (the loss on
+    ``[[k]]`` + end of turn only), every example checked; longer than max_length is refused, since
+    truncation would cut the answer off (TRL keeps the start)."""
+    from datasets import Dataset
+
+    label_ids = tokenizer.convert_tokens_to_ids(LABEL_TOKENS)
+    rows = [answer_tokens(tokenizer, c, label_ids, where=f"{name} example {n}") for n, c in enumerate(conversations)]
+    check_lengths([len(ids) for ids, _ in rows], max_length)
+    return Dataset.from_dict({"input_ids": [ids for ids, _ in rows], "assistant_masks": [m for _, m in rows]})
+
+
+def check_lengths(lengths: list[int], max_length: int) -> None:
     """Truncation would cut the answer off (TRL keeps the start): refuse examples longer than max_length."""
-    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
-               for c in conversations]
     over = [n for n in lengths if n > max_length]
     if over:
         raise UserError(
@@ -123,7 +138,6 @@ def train_router(
     else a model folder), a loss curve and provenance; return the final metrics."""
     import pandas as pd
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -143,8 +157,7 @@ def train_router(
     eval_df = pd.read_parquet(eval_parquet, columns=["messages"])
     system = train_df["system"].iloc[0]
     to_list = lambda df: [[dict(m) for m in msgs] for msgs in df["messages"]]  # noqa: E731
-    train_ds = Dataset.from_dict({"messages": to_list(train_df)})
-    eval_ds = Dataset.from_dict({"messages": to_list(eval_df)})
+    train_convs, eval_convs = to_list(train_df), to_list(eval_df)
 
     ckpt_dir = Path(ckpt_dir)
     inputs = [train_parquet, eval_parquet, base_model]
@@ -162,7 +175,7 @@ def train_router(
         weight_decay=s["weight_decay"],
         lr_scheduler_type="cosine",
         max_length=s["max_length"],
-        assistant_only_loss=True,
+        assistant_only_loss=False,  # the examples come tokenized, with their own assistant_masks
         packing=False,
         bf16=s["bf16"],
         gradient_checkpointing=s["gradient_checkpointing"],
@@ -185,8 +198,8 @@ def train_router(
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     label_ids = add_label_tokens(tokenizer, model)
-    check_template(tokenizer, train_ds[0]["messages"])
-    check_lengths(tokenizer, list(train_ds["messages"]) + list(eval_ds["messages"]), s["max_length"])
+    train_ds = sft_dataset(tokenizer, train_convs, s["max_length"], str(train_parquet))
+    eval_ds = sft_dataset(tokenizer, eval_convs, s["max_length"], str(eval_parquet))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
