@@ -103,18 +103,22 @@ def _resource_settings(kind):
 
 
 def job_resources(kind, **fixed):
-    """The resources of a job of ``kind`` (a key under resources, e.g. "router.train"): mem_mb,
-    runtime (minutes), gpu, nodes (always 1: every job is one machine's processes) and the SLURM
-    partition for jobs without or with GPUs (resources.partitions). ``fixed``: the figures the
-    pipeline's own settings fix (gpus, runtime; x-from in the schema); gpus may be a function of
-    the wildcards."""
+    """The resources of a job of ``kind`` (a key under resources, e.g. "router.train"), named as
+    snakemake-executor-plugin-slurm reads them: mem_mb, runtime (minutes), gpu, cpus_per_task, nodes
+    (always 1: every job is one machine's processes) and slurm_partition (resources.partitions: cpu
+    or gpu by whether the job asks for GPUs). ``fixed``: the figures the pipeline's own settings fix
+    (gpus, runtime; x-from in the schema); gpus may be a function of the wildcards.
+
+    cpus_per_task repeats job_threads(kind) for SLURM: Snakemake caps threads at the submitting
+    machine's cores (profiles/default: cores: all), the allocation must not be."""
     r = {**_resource_settings(kind), **fixed}
     gpus, part = r["gpus"], config["resources"]["partitions"]
     if callable(gpus):  # per wildcards (e.g. one pool per arena generator)
         partition = lambda w: part["gpu"] if gpus(w) else part["cpu"]  # noqa: E731
     else:
         partition = part["gpu"] if gpus else part["cpu"]
-    return {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "gpu": gpus, "nodes": 1, "slurm_partition": partition}
+    return {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "gpu": gpus, "cpus_per_task": r["cpus"],
+            "nodes": 1, "slurm_partition": partition}
 
 
 def job_threads(kind):
