@@ -1,4 +1,4 @@
-"""Serving: one vLLM OpenAI-compatible server per device, behind a Traefik proxy, on demand.
+"""Serving: vLLM OpenAI-compatible servers, each on devices of its own, behind a Traefik proxy, on demand.
 
 A *pool* is N vLLM servers and a Traefik proxy whose file configuration is generated from the
 server list (round robin, health checks on ``/health``). Each server spans ``tensor_parallel_size``
@@ -85,8 +85,8 @@ class PoolSpec:
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs this job may use: CUDA_VISIBLE_DEVICES when set (SLURM sets it to the job's), else
-    every GPU nvidia-smi lists, else none."""
+    """The GPUs this job may use: CUDA_VISIBLE_DEVICES when set (SLURM sets it to the job's; set but
+    empty: none, as CUDA sees it), else every GPU nvidia-smi lists, else none."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [d.strip() for d in visible.split(",") if d.strip()]
