@@ -27,6 +27,9 @@ rule arena_prepare:
         config=as_json({"folds": AR["folds"]}),
     log:
         log_path("arena", "prepare.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -46,6 +49,9 @@ rule arena_sample_prompts:
         seed=config["seed"],
     log:
         log_path("arena", "sample_prompts.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -67,9 +73,9 @@ use rule generate from generation as arena_generate with:
         pool_logs=lambda w: pool_folder(w.generator, "arena")["pool_logs"],
     log:
         log_path("arena", "generate", "{generator}.log"),
+    threads: job_threads("arena.generate")
     resources:
-        gpu=pool_gpus(AR["response_pairs"]["servers"]),
-        runtime=60,
+        **job_resources("arena.generate", gpus=lambda w: pool_gpus(w.generator, AR["response_pairs"]["servers"])),
 
 
 rule arena_pairs:
@@ -85,6 +91,9 @@ rule arena_pairs:
         seed=config["seed"],
     log:
         log_path("arena", "pairs.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -118,11 +127,9 @@ rule arena_train:
         log_path("arena", "train", "{arena_stage}", "{base}.log"),
     benchmark:
         bench_path("arena", "train", "{arena_stage}", "{base}.tsv")
-    threads: 1  # two small trainings side by side beat one with two threads (start-up overlaps)
+    threads: job_threads("arena.train")
     resources:
-        gpu=AR["gpu"],
-        mem_mb=4000,
-        runtime=120,
+        **job_resources("arena.train", gpus=AR["gpu"]),
     conda:
         "../envs/train.yaml"
     shell:
@@ -141,9 +148,9 @@ rule arena_predict:
         arena_path("pseudo", "{source}", "{base}.parquet"),
     log:
         log_path("arena", "predict", "{source}", "{base}.log"),
-    threads: 1
+    threads: job_threads("arena.predict")
     resources:
-        gpu=AR["gpu"],
+        **job_resources("arena.predict", gpus=AR["gpu"]),
     conda:
         "../envs/train.yaml"
     shell:
@@ -164,6 +171,9 @@ rule arena_merge_pseudo:
         settings=as_json(AR["pseudo"]),
     log:
         log_path("arena", "merge_pseudo", "{source}.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -184,7 +194,9 @@ rule arena_export:
         tolerance=AR["export"]["tolerance"],
     log:
         log_path("arena", "export", "{base}.log"),
-    threads: 1
+    threads: job_threads("arena.export")
+    resources:
+        **job_resources("arena.export"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -207,7 +219,9 @@ rule arena_export_ensemble:
         tolerance=AR["export"]["tolerance"],
     log:
         log_path("arena", "export", "ensemble.log"),
-    threads: 1
+    threads: job_threads("arena.export")
+    resources:
+        **job_resources("arena.export"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -231,6 +245,9 @@ rule arena_report:
         valid_fold=AR["valid_fold"],
     log:
         log_path("arena", "report.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:

@@ -12,6 +12,9 @@ rule build_tokenizer:
         vocab_size=lambda w: config["assets"]["tokenizer"]["vocab_size"],
     log:
         log_path("assets", "tokenizer.log"),
+    threads: job_threads("assets")
+    resources:
+        **job_resources("assets"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -32,7 +35,9 @@ rule build_model:
         log_path("assets", "model_{name}.log"),
     benchmark:
         bench_path("assets", "model_{name}.tsv")
-    threads: 2
+    threads: job_threads("assets")
+    resources:
+        **job_resources("assets"),
     conda:
         "../envs/train.yaml"
     shell:

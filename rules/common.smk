@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from snakemake.exceptions import WorkflowError  # noqa: E402
 
-from modelmake.config import PIPELINES, validate  # noqa: E402
+from modelmake.config import PIPELINES, role_serve, validate  # noqa: E402
 from modelmake.errors import ConfigError  # noqa: E402
 
 try:
@@ -94,20 +94,53 @@ def asset_corpora():
     ]
 
 
-# --- serving pools and generation (pseudo-labels, arena response pairs, self-play)
-def pool_spec(role, model=None, servers=None):
-    """The serving pool of a model role (modelmake.serve.PoolSpec) as JSON.
+# --- what jobs ask for: resources.<kind> of the config (schema $defs/job_resources)
+def _resource_settings(kind):
+    node = config["resources"]
+    for k in kind.split("."):
+        node = node[k]
+    return node
 
-    ``model``: serve this folder under the name ``role`` instead of the role's model (e.g. a model
-    the workflow trains); ``servers``: the pool's size instead of serve.servers_per_partition.
+
+def job_resources(kind, **fixed):
+    """The resources of a job of ``kind`` (a key under resources, e.g. "router.train"), named as
+    snakemake-executor-plugin-slurm reads them: mem_mb, runtime (minutes), gpu, cpus_per_task, nodes
+    (always 1: every job is one machine's processes) and slurm_partition (resources.partitions: cpu
+    or gpu by whether the job asks for GPUs). ``fixed``: the figures the pipeline's own settings fix
+    (gpus, runtime; x-from in the schema); gpus may be a function of the wildcards.
+
+    cpus_per_task repeats job_threads(kind) for SLURM: Snakemake caps threads at the submitting
+    machine's cores (profiles/default: cores: all), the allocation must not be."""
+    r = {**_resource_settings(kind), **fixed}
+    gpus, part = r["gpus"], config["resources"]["partitions"]
+    if callable(gpus):  # per wildcards (e.g. one pool per arena generator)
+        partition = lambda w: part["gpu"] if gpus(w) else part["cpu"]  # noqa: E731
+    else:
+        partition = part["gpu"] if gpus else part["cpu"]
+    return {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "gpu": gpus, "cpus_per_task": r["cpus"],
+            "nodes": 1, "slurm_partition": partition}
+
+
+def job_threads(kind):
+    """The CPU cores (Snakemake threads; SLURM --cpus-per-task) of a job of ``kind``."""
+    return _resource_settings(kind)["cpus"]
+
+
+# --- serving pools and generation (pseudo-labels, arena response pairs, self-play)
+def pool_spec(role, model=None, servers=None, served_name=None):
+    """The serving pool of a model role (modelmake.serve.PoolSpec) as JSON: the serve section's
+    settings with the role's own (models.<role>.serve) over them.
+
+    ``model``: serve this folder instead of the role's model (e.g. a model the workflow trains from
+    it); ``servers``: the pool's size instead of serve.servers_per_partition; ``served_name``: the
+    name clients ask for (default: the role).
     """
-    s = config["serve"]
+    s = role_serve(config, role)
+    keys = ["max_model_len", "dtype", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
+            "cpu_threads_per_server", "cpu_kvcache_gib", "vllm_args", "health_interval_s"]
     return as_json({
-        "model": model if model is not None else model_dir(role), "served_name": role,
-        "servers": servers or s["servers_per_partition"], "max_model_len": s["max_model_len"],
-        "dtype": s["dtype"], "seed": config["seed"], "enforce_eager": s["enforce_eager"],
-        "cpu_threads_per_server": s["cpu_threads_per_server"], "cpu_kvcache_gib": s["cpu_kvcache_gib"],
-        "vllm_args": s["vllm_args"], "health_interval_s": s["health_interval_s"],
+        "model": model if model is not None else model_dir(role), "served_name": served_name or role,
+        "servers": servers or s["servers_per_partition"], "seed": config["seed"], **{k: s[k] for k in keys},
     })
 
 
@@ -116,14 +149,15 @@ def pool_folder(pool, *part):
     return {"pool_dir": results("serve", pool, *part), "pool_logs": log_path("serve", pool, *part)}
 
 
-def pool_gpus(servers=None):
-    """GPUs a pool's consumer job asks for: the whole pool (one per server) on GPU nodes, else 0.
+def pool_gpus(role, servers=None):
+    """GPUs a pool's consumer job asks for: on GPU nodes the whole pool, servers x the role's
+    tensor_parallel_size (each server its own group); 0 on CPUs.
 
     Under the slurm profile the consumers of one partition form one group job (one allocation);
     the profile's local-scoped `gpu` limit keeps the group's request to one pool's GPUs.
     """
-    s = config["serve"]
-    return (servers or s["servers_per_partition"]) if s["gpu"] else 0
+    s = role_serve(config, role)
+    return (servers or s["servers_per_partition"]) * s["tensor_parallel_size"] if s["gpu"] else 0
 
 
 def generation_settings(config_key, section, model_source):

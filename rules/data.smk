@@ -16,6 +16,9 @@ rule reformat:
         log_path("reformat", "{dataset}", "{split}.log"),
     benchmark:
         bench_path("reformat", "{dataset}", "{split}.tsv")
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:

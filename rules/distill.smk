@@ -22,6 +22,9 @@ rule distill_chat_data:
                           "max_rows": DI["chat"].get("max_rows")}),
     log:
         log_path("distill", DI["name"], "chat_data.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -44,6 +47,9 @@ rule distill_web_data:
                           "pack": DI["web"]["pack"]}),
     log:
         log_path("distill", DI["name"], "web_data.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -62,6 +68,9 @@ rule distill_init_student:
         settings=as_json({**DI["student"], "seed": config["seed"]}),
     log:
         log_path("distill", DI["name"], "init_student.log"),
+    threads: job_threads("distill.init")
+    resources:
+        **job_resources("distill.init"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -94,11 +103,9 @@ rule distill_stage:
         log_path("distill", DI["name"], "stage{n}.log"),
     benchmark:
         bench_path("distill", DI["name"], "stage{n}.tsv")
-    threads: 2
+    threads: job_threads("distill.stage")
     resources:
-        gpu=distill_gpus(),
-        mem_mb=4000,
-        runtime=240,
+        **job_resources("distill.stage", gpus=distill_gpus()),
     conda:
         "../envs/train.yaml"
     shell:
@@ -129,9 +136,9 @@ rule distill_eval:
         log_path("distill", DI["name"], "eval.log"),
     benchmark:
         bench_path("distill", DI["name"], "eval.tsv")
-    threads: 2
+    threads: job_threads("distill.eval")
     resources:
-        gpu=1 if DI["service"]["gpu"] else 0,  # then bf16 on it, two models at a time
+        **job_resources("distill.eval"),
     conda:
         "../envs/train.yaml"
     shell:

@@ -18,6 +18,9 @@ rule shard:
         shards=PL["shards_per_partition"],
     log:
         log_path("shard", "{dataset}", "{split}", "part{part}.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -41,9 +44,13 @@ use rule generate from generation as generate_shard with:
         log_path("generate", "{dataset}", "{teacher}", "part{part}", "shard{shard}.log"),
     wildcard_constraints:
         teacher=re.escape(PL["teacher"]),
+    threads: job_threads("pseudo_labels.generate")
     resources:
-        gpu=pool_gpus(),
-        runtime=config["serve"]["runtime_per_shard_min"],
+        **job_resources(
+            "pseudo_labels.generate",
+            gpus=pool_gpus(PL["teacher"]),
+            runtime=config["serve"]["runtime_per_shard_min"],
+        ),
 
 
 rule merge_pseudo_labels:
@@ -70,6 +77,9 @@ rule merge_pseudo_labels:
         config=as_json({"pseudo_labels": pl_recipe(), "teacher": model_source(PL["teacher"])}),
     log:
         log_path("merge", "{dataset}", "{teacher}.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:

@@ -26,6 +26,9 @@ rule router_data:
         config=as_json({k: ROUTER[k] for k in ("data", "n_sample", "split")}),
     log:
         log_path("router", ROUTER["run"], "data.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -56,11 +59,9 @@ rule router_train:
         log_path("router", ROUTER["run"], "train.log"),
     benchmark:
         bench_path("router", ROUTER["run"], "train.tsv")
-    threads: 2
+    threads: job_threads("router.train")
     resources:
-        gpu=ROUTER["train"]["gpu"],
-        mem_mb=8000,
-        runtime=600,
+        **job_resources("router.train", gpus=ROUTER["train"]["gpu"]),
     conda:
         "../envs/train.yaml"
     shell:
@@ -82,6 +83,9 @@ if ROUTER["train"]["deepspeed"]:
             config=as_json({"train": ROUTER["train"]}),
         log:
             log_path("router", ROUTER["run"], "consolidate.log"),
+        threads: job_threads("router.consolidate")
+        resources:
+            **job_resources("router.consolidate"),
         conda:
             "../envs/train.yaml"
         shell:
@@ -102,9 +106,9 @@ rule router_score:
         config=as_json(ROUTER["score"]),
     log:
         log_path("router", ROUTER["run"], "score_{rsplit}.log"),
-    threads: 2
+    threads: job_threads("router.score")
     resources:
-        gpu=ROUTER["score"]["gpu"],
+        **job_resources("router.score", gpus=ROUTER["score"]["gpu"]),
     conda:
         "../envs/train.yaml"
     shell:
@@ -122,6 +126,9 @@ rule router_calibrate:
         shares=ROUTER["route"]["strong_shares"],
     log:
         log_path("router", ROUTER["run"], "calibrate.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -143,6 +150,9 @@ rule router_evaluate:
         config=as_json({"evaluate": ROUTER["evaluate"], "route": ROUTER["route"]}),
     log:
         log_path("router", ROUTER["run"], "evaluate.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:

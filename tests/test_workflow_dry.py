@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import time
 
 import json
 from pathlib import Path
@@ -122,8 +124,9 @@ def test_shipped_configs_validate():
     from modelmake.config import validate
 
     validate(yaml.safe_load((REPO / "config.yaml").read_text()))
-    cluster = yaml.safe_load((REPO / "config/cluster.example.yaml").read_text())
-    validate(cluster, check_paths=False)  # its model paths exist on the cluster, not here
+    for name, files in CLUSTER_EXAMPLES.items():
+        # their model and data paths exist on the cluster, not here
+        validate(layered([yaml.safe_load((CLUSTER / f).read_text()) for f in files]), check_paths=False)
 
 
 @pytest.mark.parametrize("pipeline", sorted(PIPELINE_RULES))
@@ -177,20 +180,96 @@ def test_without_a_configfile_the_embedded_demo_is_the_config():
         assert planned.keys() & rules
 
 
+# The cluster examples (config/cluster/): base.yaml, then one pipeline file or several, as documented
+# at the top of each; every file there is in one of them.
+CLUSTER = REPO / "config/cluster"
+CLUSTER_EXAMPLES = {
+    "pseudo_labels": ["base.yaml", "pseudo_labels.yaml"],
+    "pseudo_labels_70b": ["base.yaml", "pseudo_labels.yaml", "pseudo_labels_70b.yaml"],
+    "router": ["base.yaml", "router.yaml"],
+    "selfplay": ["base.yaml", "selfplay.yaml"],
+    "arena": ["base.yaml", "arena.yaml"],
+    "distill": ["base.yaml", "distill.yaml"],
+    "all": ["base.yaml", "pseudo_labels.yaml", "router.yaml", "selfplay.yaml", "arena.yaml", "distill.yaml"],
+}
+
+# What config.json of each model family the examples name holds (the fields that decide memory and
+# context; the Hugging Face hub's values) and the chat template of its tokenizer_config.json.
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + "
+    "eos_token }}{% elif message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + eos_token }}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + "
+    "message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+_LLAMA3_8B = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096,
+                  intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                  vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                  tie_word_embeddings=False, torch_dtype="bfloat16")
+MODEL_FAMILIES = {
+    "Llama-3.1-8B-Instruct": (_LLAMA3_8B, LLAMA3_TEMPLATE),
+    "Llama-3.1-8B": (_LLAMA3_8B, LLAMA3_TEMPLATE),
+    "Llama-3.1-70B-Instruct": ({**_LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672,
+                                "num_hidden_layers": 80, "num_attention_heads": 64}, LLAMA3_TEMPLATE),
+    "Meta-Llama-3-8B-Instruct": ({**_LLAMA3_8B, "max_position_embeddings": 8192}, LLAMA3_TEMPLATE),
+    "zephyr-7b-sft-full": (dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=4096,
+                                intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
+                                sliding_window=4096, tie_word_embeddings=False, torch_dtype="bfloat16"),
+                           ZEPHYR_TEMPLATE),
+    "gemma-2-9b-it": (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], hidden_size=3584,
+                           intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                           num_key_value_heads=8, head_dim=256, vocab_size=256000, max_position_embeddings=8192,
+                           sliding_window=4096, tie_word_embeddings=True, torch_dtype="float32"),
+                      GEMMA_TEMPLATE),
+}
+
+# The nodes the examples are sized for (config/cluster/base.yaml).
+GPU_NODE = {"gpus": 8, "gpu_gb": 80, "cpus": 96, "mem_mb": 1_000_000}
+CPU_NODE = {"cpus": 32, "mem_mb": 256_000}
+
+
+def parameters(c: dict) -> int:
+    """A decoder's parameter count from its config.json (embeddings, attention, gated MLP)."""
+    h, hd = c["hidden_size"], c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+    attn = 2 * h * c["num_attention_heads"] * hd + 2 * h * c["num_key_value_heads"] * hd
+    embed = c["vocab_size"] * h * (1 if c["tie_word_embeddings"] else 2)
+    return embed + c["num_hidden_layers"] * (attn + 3 * h * c["intermediate_size"])
+
+
+def test_model_family_shapes_give_their_published_sizes():
+    sizes = {name: parameters(cfg) / 1e9 for name, (cfg, _) in MODEL_FAMILIES.items()}
+    assert sizes == pytest.approx({"Llama-3.1-8B-Instruct": 8.03, "Llama-3.1-8B": 8.03,
+                                   "Meta-Llama-3-8B-Instruct": 8.03, "Llama-3.1-70B-Instruct": 70.55,
+                                   "zephyr-7b-sft-full": 7.24, "gemma-2-9b-it": 9.24}, abs=0.01)
+
+
 def _stub_model(folder: Path) -> None:
-    """A model folder as a dry run sees it: config.json and tokenizer files, no weights."""
+    """A model folder as a dry run sees it: its family's config.json and tokenizer files, no weights."""
     from tokenizers import Tokenizer, models
 
+    other = (dict(model_type="llama", architectures=["LlamaForCausalLM"]), "{{ messages }}")
+    cfg, template = MODEL_FAMILIES.get(folder.name, other)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (folder / "config.json").write_text(json.dumps(cfg))
     Tokenizer(models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>")).save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
 
 
-def _stubbed(config_file: Path, tmp: Path) -> dict:
+def _stubbed(config: dict, tmp: Path) -> dict:
     """A shipped cluster config with its absolute paths replaced by stubs under tmp (model folders
     under models.*.path, data files elsewhere), repository paths made absolute, results under tmp."""
-    c = _absolute(yaml.safe_load(config_file.read_text()))
+    c = _absolute(config)
 
     def stub(node, at=()):
         if isinstance(node, dict):
@@ -201,26 +280,194 @@ def _stubbed(config_file: Path, tmp: Path) -> dict:
             target = tmp / "stub" / node.lstrip("/")
             if at[0] == "models":
                 _stub_model(target)
-            else:
+            elif not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(json.dumps({"id": "x", "text": "hi", "data": ["hi", "hello"]}) + "\n")
             return str(target)
         return node
 
     c = stub(c)
-    c["results"] = str(tmp / "results")
+    if "results" in c:
+        c["results"] = str(tmp / "results")
     return c
 
 
-CLUSTER_CONFIGS = sorted(p.relative_to(REPO) for p in (REPO / "config").rglob("*.yaml"))
+def layered(configs: list[dict]) -> dict:
+    """Config files merged as Snakemake merges --configfile a b c: mappings key by key, later files
+    win, anything else (lists too) replaced."""
+    def merge(a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {**a, **{k: merge(a[k], v) if k in a else v for k, v in b.items()}}
+        return b
+
+    out: dict = {}
+    for c in configs:
+        out = merge(out, c)
+    return out
 
 
-@pytest.mark.parametrize("profile", [None, "profiles/slurm"])
-@pytest.mark.parametrize("config_file", CLUSTER_CONFIGS, ids=str)
-def test_every_shipped_config_dry_runs_alone_and_through_the_slurm_profile(tmp_path, config_file, profile):
-    args = ["--profile", str(REPO / profile)] if profile else []
-    planned = jobs_planned(run_user_config(tmp_path, _stubbed(REPO / config_file, tmp_path), *args).stdout)
-    sections = yaml.safe_load((REPO / config_file).read_text()).keys() & PIPELINE_RULES.keys()
-    assert sections, f"{config_file} builds no pipeline"
-    for section in sections:
-        assert planned.keys() & PIPELINE_RULES[section], f"{config_file}: nothing of {section} planned"
+def planned_jobs(output: str) -> list[dict]:
+    """Every job of a dry run's output: rule, wildcards, threads and resources (groups' members too)."""
+    jobs = []
+    for block in re.split(r"^\s*(?:local)?(?:rule|checkpoint) (?=\w+:$)", output, flags=re.M)[1:]:
+        rule, _, body = block.partition(":\n")
+        fields = dict(re.findall(r"^\s+(\w+): (.*)$", body.split("\n[")[0], re.M))
+        res = dict(kv.split("=", 1) for kv in fields.get("resources", "").split(", ") if "=" in kv)
+        jobs.append({"rule": rule, "wildcards": fields.get("wildcards", ""),
+                     "threads": int(fields.get("threads", 1)),
+                     "resources": {k: int(v) if v.isdigit() else v for k, v in res.items()}})
+    return jobs
+
+
+# The config key of each rule's resources (config/cluster/*.yaml, resources.<kind>), and the GPUs the
+# pipeline's layout gives it, as the examples' comments size them.
+RULE_KIND = {
+    "generate_shard": "pseudo_labels.generate", "selfplay_generate": "selfplay.generate",
+    "arena_generate": "arena.generate", "router_train": "router.train", "router_consolidate": "router.consolidate",
+    "router_score": "router.score", "selfplay_train": "selfplay.train", "selfplay_eval": "selfplay.eval",
+    "arena_train": "arena.train", "arena_predict": "arena.predict", "arena_export": "arena.export",
+    "arena_export_ensemble": "arena.export", "distill_init_student": "distill.init",
+    "distill_stage": "distill.stage", "distill_eval": "distill.eval",
+    "build_tokenizer": "assets", "build_model": "assets",
+}
+
+
+def expected_gpus(c: dict, job: dict) -> int:
+    """The GPUs a job's layout needs: a pool's servers x its model's tensor_parallel_size, a trainer's
+    GPU setting, a distillation stage's teachers and ranks."""
+    def pool(role, servers):
+        tp = {**c["serve"], **c["models"][role].get("serve", {})}["tensor_parallel_size"]
+        return servers * tp if c["serve"]["gpu"] else 0
+
+    generator = re.search(r"generator=([\w.-]+)", job["wildcards"])
+    s = c.get("distill", {}).get("service", {})
+    return {
+        "generate_shard": lambda: pool(c["pseudo_labels"]["teacher"], c["serve"]["servers_per_partition"]),
+        "selfplay_generate": lambda: pool(c["selfplay"]["sft_model"], c["selfplay"]["world_size"]),
+        "arena_generate": lambda: pool(generator and generator[1], c["arena"]["response_pairs"]["servers"]),
+        "router_train": lambda: c["router"]["train"]["gpu"], "router_score": lambda: c["router"]["score"]["gpu"],
+        "selfplay_train": lambda: c["selfplay"]["train_gpus"],
+        "arena_train": lambda: c["arena"]["gpu"], "arena_predict": lambda: c["arena"]["gpu"],
+        "arena_export": lambda: c["resources"]["arena"]["export"]["gpus"],
+        "arena_export_ensemble": lambda: c["resources"]["arena"]["export"]["gpus"],
+        "distill_stage": lambda: s["groups"] * (s["ranks_per_group"] + 1) if s["gpu"] else 0,
+    }.get(job["rule"], lambda: 0)()
+
+
+def _lookup(c: dict, key: str):
+    for k in key.split("."):
+        c = c[k]
+    return c
+
+
+@pytest.mark.parametrize("example", sorted(CLUSTER_EXAMPLES))
+def test_cluster_example_dry_runs_through_the_slurm_profile_with_sized_gpu_jobs(tmp_path, example):
+    """Each cluster example, on stub model folders of its families' shapes, planned through
+    profiles/slurm: every job on one node of its partition with the example's memory, runtime and
+    cores, every GPU job with its layout's GPUs, and all of it within the nodes base.yaml names."""
+    from modelmake.config import generating_roles, role_serve, validate
+
+    files = CLUSTER_EXAMPLES[example]
+    raw = [yaml.safe_load((CLUSTER / f).read_text()) for f in files]
+    paths = []
+    for f, c in zip(files, raw):
+        paths.append(write_config(tmp_path, _stubbed(c, tmp_path), name=f))
+    write_config(tmp_path, small_config(tmp_path))  # the checkout's demo config.yaml: must not leak in
+    c = validate(layered([_stubbed(x, tmp_path) for x in raw]), check_paths=False)
+    if "selfplay" in c:
+        _selfplay_fractions_built(c, Path(c["results"]), fractions=2)
+    out = run_snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"),
+                        "--configfile", *map(str, paths)).stdout
+
+    jobs = [j for j in planned_jobs(out) if j["rule"] != "all"]
+    sections = c.keys() & PIPELINE_RULES.keys()
+    wanted = set().union(*(PIPELINE_RULES[s] for s in sections))
+    wanted |= {"selfplay_generate"} if "selfplay" in c else set()
+    assert sections and {j["rule"] for j in jobs} >= wanted - {
+        "selfplay_prompts", "selfplay_fractions", "router_consolidate"}  # built here already; deepspeed only
+    gpu_jobs = 0
+    for j in jobs:
+        r, where = j["resources"], f"{example}: {j['rule']} {j['wildcards']}"
+        kind = _lookup(c["resources"], RULE_KIND.get(j["rule"], "data"))
+        gpus = expected_gpus(c, j)
+        assert r["gpu"] == gpus, where
+        assert r["nodes"] == 1, where
+        assert r["slurm_partition"] == c["resources"]["partitions"]["gpu" if gpus else "cpu"], where
+        assert r["mem_mb"] == kind["mem_mb"], where
+        runtime = c["serve"]["runtime_per_shard_min"] if j["rule"] == "generate_shard" else kind["runtime"]
+        assert r["runtime"] == runtime, where
+        assert r["cpus_per_task"] == kind["cpus"], where  # what SLURM allocates
+        assert j["threads"] == min(kind["cpus"], 2), where  # Snakemake caps threads at --cores (2 here)
+        node = GPU_NODE if gpus else CPU_NODE
+        assert gpus <= GPU_NODE["gpus"] and kind["cpus"] <= node["cpus"] and r["mem_mb"] <= node["mem_mb"], where
+        gpu_jobs += bool(gpus)
+    assert gpu_jobs, f"{example}: no GPU job planned"
+
+    # every served model fits its servers' GPUs (bf16 weights within 80% of what vLLM may take) and
+    # every conversation its context
+    for key, roles in generating_roles(c).items():
+        for role in roles:
+            s = role_serve(c, role)
+            shape = json.loads((Path(c["models"][role]["path"]) / "config.json").read_text())
+            weights_gb = parameters(shape) * 2 / 1e9
+            room_gb = s["tensor_parallel_size"] * GPU_NODE["gpu_gb"] * (s["gpu_memory_utilization"] or 0.9)
+            assert weights_gb <= 0.8 * room_gb, f"{example}: {role} ({weights_gb:.0f} GB) on {room_gb:.0f} GB"
+            assert _lookup(c, key)["max_conversation_tokens"] <= s["max_model_len"] <= shape["max_position_embeddings"]
+
+
+def _selfplay_fractions_built(c: dict, results: Path, fractions: int) -> None:
+    """Self-play's prompts and fractions as if built (in input order, so none is stale): the
+    checkpoint's output exists, and the dry run plans every generation job after it."""
+    sp, stamp = c["selfplay"], time.time() - 1000
+    data, splits = results / "data" / sp["dataset"] / "reformatted", (sp["train_split"], sp["test_split"])
+    built = [Path(f) for split in splits for f in c["datasets"][sp["dataset"]]["splits"][split]]  # the raw files
+    built += [data / f"{split}{suffix}" for split in splits for suffix in (".parquet", ".rejects.jsonl", ".stats.json")]
+    run = results / "selfplay" / sp["run"] / "data"
+    built += [run / "train.parquet", run / "test.parquet"]
+    for part in ("train", "test"):
+        folder = run / f"{part}_fractions"
+        folder.mkdir(parents=True)
+        for k in range(fractions):
+            (folder / f"frac{k}.jsonl").write_text("")
+        (folder / "layout.json").write_text(json.dumps({"fractions": fractions}))
+        built.append(folder)
+    for i, path in enumerate(built):
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+        os.utime(path, (stamp + i, stamp + i))
+
+
+def test_slurm_profile_sizes_a_partitions_group_as_its_members_in_series():
+    """profiles/slurm's per-allocation limits (gpu, nodes=1; local scope) make Snakemake size a group
+    of generation jobs (one sbatch) as its members one after another, as the plugin runs them: one
+    member's memory and cores, on one node, for the sum of their runtimes, with or without GPUs.
+    (Snakemake's own group sizing, called through its internal GroupResources.)"""
+    from types import SimpleNamespace
+
+    from snakemake.resources import GroupResources, Resources
+
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    assert set(profile["set-resource-scopes"]) == {"gpu=local", "nodes=local"}
+    limits = Resources.parse(profile["resources"], allow_expressions=False)
+    for gpus in (0, 4, 8):
+        member = {"_cores": 36, "cpus_per_task": 36, "mem_mb": 128000, "runtime": 60, "gpu": gpus, "nodes": 1}
+        jobs = [[SimpleNamespace(resources=dict(member), pipe_group=None) for _ in range(8)]]
+        group = GroupResources.basic_layered(jobs, constraints=limits, run_local=False,
+                                             additive_resources=["runtime"], sortby=["runtime"])
+        assert {k: group[k] for k in member} == {**member, "runtime": 8 * 60}, gpus
+
+
+def test_every_cluster_example_file_is_in_an_example():
+    shipped = {p.name for p in CLUSTER.glob("*.yaml")}
+    assert shipped == set().union(*map(set, CLUSTER_EXAMPLES.values()))
+
+
+@pytest.mark.parametrize("example", ["pseudo_labels", "router"])
+def test_a_cluster_example_dry_runs_locally_too(tmp_path, example):
+    """Without the slurm profile the same plan runs on the local executor (threads capped by --cores)."""
+    paths = [write_config(tmp_path, _stubbed(yaml.safe_load((CLUSTER / f).read_text()), tmp_path), name=f)
+             for f in CLUSTER_EXAMPLES[example]]
+    write_config(tmp_path, small_config(tmp_path))
+    planned = jobs_planned(run_snakemake(tmp_path, "-n", "--configfile", *map(str, paths)).stdout)
+    assert planned.keys() & PIPELINE_RULES[example]

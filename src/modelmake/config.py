@@ -140,14 +140,16 @@ def schema_field(where: str) -> Any:
     return dataclasses.field(default_factory=functools.partial(default, where))
 
 
-def _annotated(schema: dict, value: Any, root: dict, mark: str, at: tuple = (), parent: Any = None):
-    """Yield (key path, value, annotation, parent object) for every value the schema marks with
-    ``mark`` (x-path, x-ref), walking objects and lists."""
+def _annotated(schema: dict, value: Any, root: dict, mark: str, at: tuple = (), parent: Any = None,
+               types: tuple = (str,)):
+    """Yield (key path, value, annotation, parent object) for every value of ``types`` the schema
+    marks with ``mark`` (x-path, x-ref, x-from), walking objects and lists."""
     schema = _resolve(schema, root)
-    if mark in schema and isinstance(value, str):
+    if mark in schema and isinstance(value, types):
         yield at, value, schema[mark], parent
     for k, sub, v in _children(schema, value, root):
-        yield from _annotated(sub, v, root, mark, at + (k,), value if isinstance(value, dict) else parent)
+        parent_now = value if isinstance(value, dict) else parent
+        yield from _annotated(sub, v, root, mark, at + (k,), parent_now, types)
 
 
 def _lookup(config: dict, dotted: list[str]):
@@ -217,6 +219,8 @@ def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool =
     config = _with_defaults(schema, config, schema)
     for at, value, ref, parent in _annotated(schema, config, schema, "x-ref"):
         problems += _ref_problems(config, at, value, ref, parent)
+    for at, _, source, _ in _annotated(schema, config, schema, "x-from", types=(object,)):
+        problems.append(f"{key_path(at)}: set by {source}; remove it here")
     problems += _cross_checks(config)
     if check_paths:
         for at, p, kind, _ in _annotated(schema, config, schema, "x-path"):
@@ -244,16 +248,42 @@ def _cross_checks(c: dict) -> list[str]:
         for i, p in enumerate(pl.get("build_partitions") or []):
             if p >= pl["partitions"]:
                 out.append(f"pseudo_labels.build_partitions[{i}]: {p} is not below partitions={pl['partitions']}")
-    for key in ("pseudo_labels", "arena.response_pairs", "selfplay"):
-        section = _lookup(c, key.split("."))
-        if section and section["max_conversation_tokens"] > c["serve"]["max_model_len"]:
-            out.append(f"{key}.max_conversation_tokens: {section['max_conversation_tokens']} exceeds "
-                       f"serve.max_model_len={c['serve']['max_model_len']}")
+    for key, roles in generating_roles(c).items():
+        budget = _lookup(c, key.split("."))["max_conversation_tokens"]
+        for role in roles:
+            if role not in c["models"]:
+                continue  # reported by its x-ref
+            limit = role_serve(c, role)["max_model_len"]
+            if budget > limit:
+                own = "max_model_len" in c["models"][role].get("serve", {})
+                where = (f"models.{role}.serve.max_model_len={limit}" if own
+                         else f"serve.max_model_len={limit} (the max_model_len of {role})")
+                out.append(f"{key}.max_conversation_tokens: {budget} exceeds {where}")
     if "arena" in c:
         from modelmake.arena.checks import cross_checks
 
         out += cross_checks(c)
     out += _distill_checks(c) + _router_checks(c) + _selfplay_checks(c)
+    return out
+
+
+def role_serve(c: dict, role: str) -> dict:
+    """How a model role is served: the serve section (defaults filled in) with the role's own
+    models.<role>.serve keys over it."""
+    return {**c["serve"], **c["models"][role].get("serve", {})}
+
+
+def generating_roles(c: dict) -> dict[str, list[str]]:
+    """The model roles each generating section serves (its key -> roles), for the sections present:
+    pseudo-labels' teacher, the arena's generators, self-play's SFT model (every iteration's model
+    is served with its settings)."""
+    out = {}
+    if "pseudo_labels" in c:
+        out["pseudo_labels"] = [c["pseudo_labels"]["teacher"]]
+    if "arena" in c:
+        out["arena.response_pairs"] = list(c["arena"]["response_pairs"]["generators"])
+    if "selfplay" in c:
+        out["selfplay"] = [c["selfplay"]["sft_model"]]
     return out
 
 

