@@ -351,6 +351,7 @@ def expected_gpus(c: dict, job: dict) -> int:
         "arena_export": lambda: c["resources"]["arena"]["export"]["gpus"],
         "arena_export_ensemble": lambda: c["resources"]["arena"]["export"]["gpus"],
         "distill_stage": lambda: s["groups"] * (s["ranks_per_group"] + 1) if s["gpu"] else 0,
+        "distill_eval": lambda: c["resources"]["distill"]["eval"]["gpus"],
     }.get(job["rule"], lambda: 0)()
 
 
