@@ -180,18 +180,11 @@ def test_without_a_configfile_the_embedded_demo_is_the_config():
         assert planned.keys() & rules
 
 
-# The cluster examples (config/cluster/): base.yaml, then one pipeline file or several, as documented
-# at the top of each; every file there is in one of them.
+# The cluster examples (config/cluster/): each file a whole config; several given together build
+# several pipelines ("all": every pipeline file, merged in order).
 CLUSTER = REPO / "config/cluster"
-CLUSTER_EXAMPLES = {
-    "pseudo_labels": ["base.yaml", "pseudo_labels.yaml"],
-    "pseudo_labels_70b": ["base.yaml", "pseudo_labels.yaml", "pseudo_labels_70b.yaml"],
-    "router": ["base.yaml", "router.yaml"],
-    "selfplay": ["base.yaml", "selfplay.yaml"],
-    "arena": ["base.yaml", "arena.yaml"],
-    "distill": ["base.yaml", "distill.yaml"],
-    "all": ["base.yaml", "pseudo_labels.yaml", "router.yaml", "selfplay.yaml", "arena.yaml", "distill.yaml"],
-}
+PIPELINE_FILES = ["pseudo_labels.yaml", "router.yaml", "selfplay.yaml", "arena.yaml", "distill.yaml"]
+CLUSTER_EXAMPLES = {p.stem: [p.name] for p in CLUSTER.glob("*.yaml")} | {"all": PIPELINE_FILES}
 
 # What config.json of each model family the examples name holds (the fields that decide memory and
 # context; the Hugging Face hub's values) and the chat template of its tokenizer_config.json.
@@ -234,7 +227,7 @@ MODEL_FAMILIES = {
                       GEMMA_TEMPLATE),
 }
 
-# The nodes the examples are sized for (config/cluster/base.yaml).
+# The nodes the examples are sized for (the header of every file in config/cluster/).
 GPU_NODE = {"gpus": 8, "gpu_gb": 80, "cpus": 96, "mem_mb": 1_000_000}
 CPU_NODE = {"cpus": 32, "mem_mb": 256_000}
 
@@ -365,7 +358,7 @@ def _lookup(c: dict, key: str):
 def test_cluster_example_dry_runs_through_the_slurm_profile_with_sized_gpu_jobs(tmp_path, example):
     """Each cluster example, on stub model folders of its families' shapes, planned through
     profiles/slurm: every job on one node of its partition with the example's memory, runtime and
-    cores, every GPU job with its layout's GPUs, and all of it within the nodes base.yaml names."""
+    cores, every GPU job with its layout's GPUs, and all of it within the nodes the examples are sized for."""
     from modelmake.config import generating_roles, role_serve, validate
 
     files = CLUSTER_EXAMPLES[example]
