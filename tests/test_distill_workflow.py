@@ -42,7 +42,7 @@ def test_demo_run_builds_every_stage_and_the_student_moves_towards_the_teacher(r
     # stage 1 (hidden-state alignment) brings the student's output distribution towards the teacher's
     for ds, measured_ratio in (("chat", 0.47), ("web", 0.56)):  # measured KL 0.640 -> 0.298, 0.317 -> 0.177
         kl = m["datasets"][ds]["kl_to_teacher"]
-        assert kl["stage1"] < 0.75 * kl["stage0"], (ds, kl, measured_ratio)  # stage-1 lr 0: ratio 1
+        assert kl["stage1"] < 0.75 * kl["stage0"], (ds, kl, measured_ratio)  # stage-1 lr 1e-12: ratio 1
     for n in (1, 2):
         assert (root / f"stage{n}/model/manifest.json").exists()
         assert (root / f"stage{n}/loss.png").stat().st_size > 1000
