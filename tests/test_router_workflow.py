@@ -87,6 +87,10 @@ def test_the_demo_outputs_metrics_curve_and_a_loadable_consolidated_model(built)
     for method in ("router", "random", "optimal"):
         assert {"APGR", "CPT(50%)", "CPT(80%)", "curve"} <= set(m["methods"][method])
     assert m["methods"]["random"]["APGR"] == pytest.approx(0.5)
+    # the router learnt its answer format and the scores' distribution: held-out loss of the tiny
+    # random base is ~ln(vocab) = 6 untrained. (Its APGR is not asserted: measured 0.503 here,
+    # random 0.5 +- 0.022 on these 50 prompts, optimal 0.651; this config is too small to learn routing.)
+    assert read_json(res / "zero3/metrics.json")["eval_loss"] < 2.0  # measured 1.27 (lr 1e-12: 5.96)
     assert m["prompts"] == 50 and [r["strong_share"] for r in m["calibrated"]] == [0.2, 0.5, 0.8]
     assert (res / "eval/curve.png").read_bytes().startswith(b"\x89PNG")
     cal = read_json(res / "route/calibration.json")
