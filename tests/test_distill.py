@@ -172,6 +172,21 @@ def test_kl_is_zero_against_itself_and_counts_only_trained_next_tokens():
                                losses.kl_to_teacher(other, logits, labels, 1.0))
 
 
+def test_top_k_kl_is_zero_for_a_student_that_matches_the_teacher_on_its_top_k():
+    """A student equal to the teacher has nothing to learn, whatever k and the temperature; its tail
+    beyond the teacher's top k is not pulled onto the k (that sharpened students at T > 1)."""
+    teacher = torch.randn(2, 6, 11)
+    labels = torch.zeros(2, 6, dtype=torch.long)
+    top = teacher.topk(4, -1)
+    for t in (1.0, 2.0):
+        torch.testing.assert_close(losses.kl_to_teacher(teacher, top, labels, t), torch.tensor(0.0))
+    student = teacher.clone()
+    student.scatter_add_(-1, teacher.topk(7, -1).indices[..., 4:], torch.full((2, 6, 3), 3.0))  # tail only
+    torch.testing.assert_close(losses.kl_to_teacher(student, top, labels, 2.0), torch.tensor(0.0))
+    student.scatter_add_(-1, top.indices[..., :1], torch.ones(2, 6, 1))  # the top candidate up
+    assert float(losses.kl_to_teacher(student, top, labels, 2.0)) > 0
+
+
 def test_hidden_mse_ignores_padding():
     a = [torch.zeros(1, 4, 3) for _ in range(3)]
     b = [torch.zeros(1, 4, 3) for _ in range(3)]

@@ -37,7 +37,7 @@ def test_demo_run_builds_every_stage_and_the_student_moves_towards_the_teacher(r
     m = json.loads((root / "eval/metrics.json").read_text())
     chat = m["datasets"]["chat"]
     assert set(chat["perplexity"]) == {"teacher", "stage0", "stage1", "stage2"}
-    assert chat["kl_to_teacher"]["stage2"] < chat["kl_to_teacher"]["stage0"]  # measured 0.448 < 0.640
+    assert chat["kl_to_teacher"]["stage2"] < chat["kl_to_teacher"]["stage0"]  # measured 0.209 < 0.640
     assert chat["perplexity"]["stage2"] < chat["perplexity"]["stage0"]
     # stage 1 (hidden-state alignment) brings the student's output distribution towards the teacher's
     for ds, measured_ratio in (("chat", 0.47), ("web", 0.56)):  # measured KL 0.640 -> 0.298, 0.317 -> 0.177
@@ -55,14 +55,14 @@ def test_demo_run_builds_every_stage_and_the_student_moves_towards_the_teacher(r
     assert [s["forwards"] for s in stats] == [8, 8]
 
 
-@pytest.mark.xfail(reason="measured on the test config: stage 2 (KL + CE) raises the held-out KL to the teacher "
-                          "that stage 1 lowered: chat 0.298 -> 0.448, web 0.177 -> 0.574 (above stage 0's 0.317)")
 def test_stage2_lowers_the_kl_to_the_teacher_further(run):
+    """Measured: chat 0.298 -> 0.209, web 0.177 -> 0.127 (ratios 0.70, 0.72). Before the top-k KL
+    renormalised the student too, stage 2 raised them (chat 0.448, web 0.574)."""
     work, _ = run
     m = json.loads((work / "results/distill/demo/eval/metrics.json").read_text())
     for ds in ("chat", "web"):
         kl = m["datasets"][ds]["kl_to_teacher"]
-        assert kl["stage2"] < kl["stage1"], (ds, kl)
+        assert kl["stage2"] < 0.9 * kl["stage1"], (ds, kl)
 
 
 def test_trained_student_loads_from_its_folder_and_generates(run):

@@ -29,16 +29,20 @@ def shifted_mask(labels: torch.Tensor) -> torch.Tensor:
 def kl_to_teacher(student_logits, teacher, labels, temperature: float) -> torch.Tensor:
     """KL(teacher || student) at temperature T, mean over trained positions, times T^2.
 
-    ``teacher`` is full logits [B, T, V] or a (values, indices) top-k pair [B, T, k]: then the
-    teacher's distribution is renormalised over its top k and the student is read at those ids."""
+    ``teacher`` is full logits [B, T, V] or a (values, indices) top-k pair [B, T, k]: then both
+    distributions are renormalised over the teacher's top k (the student's logits read at those ids),
+    a KL that is 0 exactly when the student ranks and weighs the teacher's k candidates as it does.
+    (Comparing the teacher's renormalised top k with the student's full-vocabulary probabilities
+    instead has a floor of -log(the student's mass on those k): it rewards piling all mass onto
+    them, which at temperature T > 1 sharpens the student and raised its KL to the teacher at T = 1.)"""
     mask = shifted_mask(labels)
-    s_logp = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
     if isinstance(teacher, tuple):
         vals, idx = teacher
         t_logp = F.log_softmax(vals[:, :-1].float() / temperature, dim=-1)
-        s_logp = s_logp.gather(-1, idx[:, :-1])
+        s_logp = F.log_softmax(student_logits[:, :-1].float().gather(-1, idx[:, :-1]) / temperature, dim=-1)
     else:
         t_logp = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
+        s_logp = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature ** 2
 
