@@ -15,16 +15,13 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import REPO, env, pid_alive, run_snakemake, small_config, wait_until, write_config
 from modelmake.errors import ConfigError, UserError
-from modelmake.launch import scale_resources, launch_command, scale_settings, trainer_args
+from modelmake.launch import launch_command, scale_resources, scale_settings, trainer_args
 
 # --- the launch command and the job's resources
 
@@ -269,8 +266,9 @@ def run_to_the_end(cmd: list[str], log: Path, cwd: Path) -> None:
     assert proc.returncode == 0, log.read_text()[-5000:]
 
 
-def tiny_llama_folder(root: Path, texts: list[str]) -> Path:
-    """A tiny random Llama with a BPE tokenizer (the project's chat template) trained on ``texts``."""
+def tiny_llama_folder(root: Path, texts: list, hidden: int = 32, max_len: int = 256) -> Path:
+    """root/model: a tiny random Llama with a BPE tokenizer (the project's chat template) trained on
+    ``texts`` (strings: user turns; or conversations, lists of messages)."""
     import pandas as pd
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -278,12 +276,13 @@ def tiny_llama_folder(root: Path, texts: list[str]) -> Path:
     from modelmake.assets import build_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"messages": [[{"role": "user", "content": t}] for t in texts]}).to_parquet(root / "c.parquet")
+    convs = [[{"role": "user", "content": t}] if isinstance(t, str) else t for t in texts]
+    pd.DataFrame({"id": [str(i) for i in range(len(convs))], "messages": convs}).to_parquet(root / "c.parquet")
     build_tokenizer([root / "c.parquet"], root / "model", vocab_size=400)
     tok = AutoTokenizer.from_pretrained(root / "model")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_len,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(root / "model")
     return root / "model"

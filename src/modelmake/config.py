@@ -340,7 +340,8 @@ def _scale_checks(c: dict) -> list[str]:
 
     offers = {"router": {"lora_with_deepspeed": False}, "arena": {"zero3": False}, "selfplay": {"zero3": False},
               "distill": {"lora": False, "multi_process": False}}
-    return [p for name, kw in offers.items() if name in c for p in scale_problems(c[name]["scale"], f"{name}.scale", **kw)]
+    return [p for name, kw in offers.items() if name in c
+            for p in scale_problems(c[name]["scale"], f"{name}.scale", **kw)]
 
 
 def _distill_checks(c: dict) -> list[str]:
