@@ -39,9 +39,10 @@ def train_once(args) -> None:
     from modelmake.router.train import train_router
 
     settings = {"epochs": args.epochs, "lr": 0.003, "batch_size": 16, "max_length": 256,
-                "save_steps": 10 ** 6, "logging_steps": 10, "gradient_checkpointing": False}
+                "save_steps": 10 ** 6, "logging_steps": 10}
+    scale = {"gradient_checkpointing": False}
     if args.variant == "trl_defaults":
-        settings["gradient_checkpointing"] = True
+        scale["gradient_checkpointing"] = True
         seed = training.seed_everything
 
         def seed_with_fill(*a, **k):
@@ -53,7 +54,7 @@ def train_once(args) -> None:
         training.seed_everything = seed_with_fill
     work = Path(args.work)
     train_router(args.train, args.eval, args.base, work / "model", work / "ckpt", settings=settings,
-                 deepspeed=None, seed=0, config={})
+                 scale=scale, seed=0, config={})
     end = read_json(work / "ckpt" / "log_history.json")[-1]
     print(json.dumps({"runtime_s": end["train_runtime"], "steps": end["step"], "train_loss": end["train_loss"]}))
 

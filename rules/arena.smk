@@ -109,6 +109,7 @@ rule arena_train:
     """
     input:
         unpack(lambda w: arena_stage_inputs(w.arena_stage, w.base)),
+        deepspeed=[AR["scale"]["deepspeed"]] if AR["scale"]["deepspeed"] else [],
     output:
         model=directory(arena_model("{arena_stage}", "{base}")),
         eval=arena_path("eval", "{arena_stage}", "{base}.parquet"),
@@ -122,6 +123,8 @@ rule arena_train:
     params:
         settings=lambda w: arena_stage_settings(w.arena_stage),
         ckpt=lambda w: arena_path("ckpt", w.arena_stage, w.base),
+        scale=as_json(AR["scale"]),
+        launcher=train_launcher(AR["scale"]),
         seed=config["seed"],
     log:
         log_path("arena", "train", "{arena_stage}", "{base}.log"),
@@ -129,14 +132,14 @@ rule arena_train:
         bench_path("arena", "train", "{arena_stage}", "{base}.tsv")
     threads: job_threads("arena.train")
     resources:
-        **job_resources("arena.train", gpus=AR["gpu"]),
+        **train_resources("arena.train", AR["scale"]),
     conda:
         "../envs/train.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m modelmake arena-train --init {input.init:q} "
+        "OMP_NUM_THREADS={threads} {params.launcher} -m modelmake arena-train --init {input.init:q} "
         "--labelled {input.labelled:q} --pseudo {input.pseudo:q} --out {output.model:q} --ckpt {params.ckpt:q} "
         "--eval-out {output.eval:q} --loss-plot {output.loss:q} --settings {params.settings:q} "
-        "--seed {params.seed} --name {wildcards.arena_stage}/{wildcards.base} > {log:q} 2>&1"
+        "--scale {params.scale:q} --seed {params.seed} --name {wildcards.arena_stage}/{wildcards.base} > {log:q} 2>&1"
 
 
 rule arena_predict:
@@ -150,7 +153,7 @@ rule arena_predict:
         log_path("arena", "predict", "{source}", "{base}.log"),
     threads: job_threads("arena.predict")
     resources:
-        **job_resources("arena.predict", gpus=AR["gpu"]),
+        **job_resources("arena.predict", gpus=1 if AR["scale"]["gpu"] else 0),
     conda:
         "../envs/train.yaml"
     shell:

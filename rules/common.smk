@@ -12,6 +12,7 @@ from snakemake.exceptions import WorkflowError  # noqa: E402
 
 from modelmake.config import PIPELINES, role_serve, validate  # noqa: E402
 from modelmake.errors import ConfigError  # noqa: E402
+from modelmake.launch import launch_command, scale_resources, world_size  # noqa: E402
 
 try:
     config = validate(config)
@@ -165,6 +166,25 @@ def generation_settings(config_key, section, model_source):
     $defs/generation) as JSON; ``config_key`` names that section in errors (e.g. arena.response_pairs)."""
     keys = ["sampling", "max_conversation_tokens", "concurrency", "retries", "max_failure_share"]
     return as_json({"config_key": config_key, "teacher_source": model_source, **{k: section[k] for k in keys}})
+
+
+# --- training jobs: every pipeline's training rule scales through its section's `scale` ($defs/scale)
+def train_launcher(scale):
+    """The shell prefix that starts a training entry point (`<prefix> -m modelmake ...`): python,
+    torchrun on one node, or srun + torchrun across the nodes of a SLURM allocation (modelmake.launch)."""
+    return launch_command(scale)
+
+
+def train_resources(kind, scale, processes=None):
+    """A training job's resources: job_resources(kind) with the GPUs and nodes of its `scale` (gpu:
+    processes x nodes when gpu; across nodes GPUs per node as gres, and mpi and tasks, so that the
+    SLURM plugin leaves the srun to the launcher: modelmake.launch.scale_resources).
+    ``processes``: per node, when the pipeline lays out its own (distillation's teacher service)."""
+    scaled = scale_resources(scale, processes)
+    r = job_resources(kind, gpus=world_size(scale, processes) if scale["gpu"] else 0)  # the partition
+    if "gres" in scaled:
+        del r["gpu"]
+    return {**r, **scaled}
 
 
 # rules/generate.smk holds the one generation rule, declared as a module: each pipeline reuses it under its own

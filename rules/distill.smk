@@ -86,6 +86,7 @@ rule distill_stage:
         chat=distill_path("data", "chat", "train.parquet"),
         web=distill_path("data", "web", "train.parquet"),
         teacher=model_inputs(DI["teacher"]),
+        deepspeed=[DI["scale"]["deepspeed"]] if DI["scale"]["deepspeed"] else [],
     output:
         model=directory(distill_path("stage{n}", "model")),
         plot=report(distill_path("stage{n}", "loss.png"), caption="../report/distill_loss.rst", category="distill"),
@@ -97,6 +98,7 @@ rule distill_stage:
         logs=lambda w: log_path("distill", DI["name"], f"stage{w.n}"),
         settings=lambda w: distill_stage_settings(int(w.n)),
         layout=distill_layout(),
+        scale=as_json(DI["scale"]),
     wildcard_constraints:
         n="[12]",
     log:
@@ -105,14 +107,15 @@ rule distill_stage:
         bench_path("distill", DI["name"], "stage{n}.tsv")
     threads: job_threads("distill.stage")
     resources:
-        **job_resources("distill.stage", gpus=distill_gpus()),
+        **train_resources("distill.stage", DI["scale"], distill_processes()),
     conda:
         "../envs/train.yaml"
     shell:
         "python -m modelmake distill-stage --teacher {params.teacher:q} --student {input.student:q} "
         "--data {input.chat:q} {input.web:q} --out {output.model:q} --plot {output.plot:q} "
         "--history {output.history:q} --ckpt {params.ckpt:q} --ready-dir {params.ready:q} "
-        "--log-dir {params.logs:q} --settings {params.settings:q} --layout {params.layout:q} > {log:q} 2>&1"
+        "--log-dir {params.logs:q} --settings {params.settings:q} --layout {params.layout:q} "
+        "--scale {params.scale:q} > {log:q} 2>&1"
 
 
 rule distill_eval:

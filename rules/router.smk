@@ -39,38 +39,38 @@ rule router_data:
 
 rule router_train:
     """TRL SFT of the base model on the train split (loss on [[k]] + EOS only), eval on calib;
-    DeepSpeed ZeRO-3 when router.train.deepspeed names a config. Resumes from router/<run>/ckpt."""
+    scaled by router.scale (torchrun, GPUs, precision, DeepSpeed ZeRO-3, LoRA). Resumes from router/<run>/ckpt."""
     input:
         train=router_path("data", "train.parquet"),
         calib=router_path("data", "calib.parquet"),
         base=model_inputs(ROUTER["base"]),
-        deepspeed=[ROUTER["train"]["deepspeed"]] if ROUTER["train"]["deepspeed"] else [],
+        deepspeed=[ROUTER["scale"]["deepspeed"]] if ROUTER["scale"]["deepspeed"] else [],
     output:
-        directory(router_path("zero3" if ROUTER["train"]["deepspeed"] else "model")),
+        directory(router_path("zero3" if ROUTER["scale"]["deepspeed"] else "model")),
     params:
         base=lambda w, input: input.base[0] if input.base else model_dir(ROUTER["base"]),
         ckpt=router_path("ckpt"),  # not declared: Trainer checkpoints survive a failed job
-        settings=as_json({k: v for k, v in ROUTER["train"].items() if k not in ("deepspeed", "processes", "gpu")}),
-        deepspeed=lambda w, input: f"--deepspeed {shlex.quote(input.deepspeed[0])}" if input.deepspeed else "",
-        launcher=router_launcher(),
+        settings=as_json(ROUTER["train"]),
+        scale=as_json(ROUTER["scale"]),
+        launcher=train_launcher(ROUTER["scale"]),
         seed=config["seed"],
-        config=as_json({"train": ROUTER["train"], "base": model_source(ROUTER["base"])}),
+        config=as_json({"train": ROUTER["train"], "scale": ROUTER["scale"], "base": model_source(ROUTER["base"])}),
     log:
         log_path("router", ROUTER["run"], "train.log"),
     benchmark:
         bench_path("router", ROUTER["run"], "train.tsv")
     threads: job_threads("router.train")
     resources:
-        **job_resources("router.train", gpus=ROUTER["train"]["gpu"]),
+        **train_resources("router.train", ROUTER["scale"]),
     conda:
         "../envs/train.yaml"
     shell:
         "OMP_NUM_THREADS={threads} PYTHONWARNINGS=ignore::FutureWarning {params.launcher} -m modelmake "
         "router-train --train {input.train:q} --eval {input.calib:q} --base {params.base:q} "
         "--out {output:q} --ckpt-dir {params.ckpt:q} --settings {params.settings:q} "
-        "{params.deepspeed} --seed {params.seed:q} --config {params.config:q} > {log:q} 2>&1"
+        "--scale {params.scale:q} --seed {params.seed:q} --config {params.config:q} > {log:q} 2>&1"
 
-if ROUTER["train"]["deepspeed"]:
+if ROUTER["scale"]["deepspeed"]:
 
     rule router_consolidate:
         """The ZeRO-3 checkpoint -> one safetensors model folder (DeepSpeed's zero_to_fp32),
@@ -80,7 +80,7 @@ if ROUTER["train"]["deepspeed"]:
         output:
             directory(router_path("model")),
         params:
-            config=as_json({"train": ROUTER["train"]}),
+            config=as_json({"train": ROUTER["train"], "scale": ROUTER["scale"]}),
         log:
             log_path("router", ROUTER["run"], "consolidate.log"),
         threads: job_threads("router.consolidate")

@@ -102,6 +102,7 @@ rule selfplay_train:
     input:
         data=sp_path("iter{it}", "train.parquet"),
         start=lambda w: sp_start_inputs(int(w.it)),
+        deepspeed=[SP["scale"]["deepspeed"]] if SP["scale"]["deepspeed"] else [],
     output:
         model=directory(sp_path("iter{it}", "model")),
         loss=report(sp_path("iter{it}", "loss.png"), caption="../report/selfplay_loss.rst", category="Self-play"),
@@ -110,6 +111,8 @@ rule selfplay_train:
         settings=lambda w: as_json(sp_settings(int(w.it))["train"]),
         config=lambda w: as_json({"selfplay": sp_recipe(int(w.it))}),
         ckpt=lambda w: sp_path(f"iter{w.it}", "ckpt"),
+        scale=as_json(SP["scale"]),
+        launcher=train_launcher(SP["scale"]),
         seed=config["seed"],
     log:
         log_path("selfplay", "iter{it}", "train.log"),
@@ -117,12 +120,13 @@ rule selfplay_train:
         bench_path("selfplay", "iter{it}", "train.tsv")
     threads: job_threads("selfplay.train")
     resources:
-        **job_resources("selfplay.train", gpus=SP["train_gpus"]),
+        **train_resources("selfplay.train", SP["scale"]),
     conda:
         "../envs/train.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m modelmake selfplay-train {input.data:q} --start {params.start:q} "
-        "--out {output.model:q} --ckpt {params.ckpt:q} --settings {params.settings:q} --seed {params.seed} "
+        "OMP_NUM_THREADS={threads} {params.launcher} -m modelmake selfplay-train {input.data:q} "
+        "--start {params.start:q} --out {output.model:q} --ckpt {params.ckpt:q} --settings {params.settings:q} "
+        "--scale {params.scale:q} --seed {params.seed} "
         "--loss-plot {output.loss:q} --config {params.config:q} > {log:q} 2>&1"
 
 

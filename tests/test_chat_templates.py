@@ -338,7 +338,7 @@ def test_router_trains_a_few_steps_with_a_template_without_markers(llama_base, t
     settings = {"epochs": 1, "batch_size": 2, "max_length": 256, "save_steps": 1000, "logging_steps": 1,
                 "lr": 1e-3, "warmup_ratio": 0.0}
     metrics = train_router(tmp_path / "train.parquet", tmp_path / "eval.parquet", llama_base, tmp_path / "router",
-                           tmp_path / "ckpt", settings=settings, deepspeed=None, seed=0, config={})
+                           tmp_path / "ckpt", settings=settings, seed=0, config={})
     assert metrics["steps"] == 3
     assert metrics["train_loss"] > 0 and metrics["eval_loss"] is not None
     assert (tmp_path / "router" / "router.json").is_file()

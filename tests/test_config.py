@@ -208,7 +208,7 @@ def test_a_resource_figure_a_pipeline_fixes_is_refused_with_the_key_to_set(confi
                            "pseudo_labels": {"generate": {"runtime": 30}},
                            "distill": {"stage": {"gpus": 8}}}
     msg = problems(config)
-    assert "resources.router.train.gpus: set by router.train.gpu; remove it here" in msg
+    assert "resources.router.train.gpus: set by router.scale (processes x nodes when gpu); remove it here" in msg
     assert "resources.pseudo_labels.generate.runtime: set by serve.runtime_per_shard_min; remove it here" in msg
     assert "resources.distill.stage.gpus: set by distill.service" in msg
     assert "mem_mb" not in msg
@@ -370,8 +370,7 @@ def test_typed_settings_have_the_schemas_defaults():
     for where, got in typed_settings().items():
         want = defaults(where)
         assert got == {k: want[k] for k in got}, where
-    assert typed_settings()["router.train"] == {k: v for k, v in defaults("router.train").items()
-                                                if k not in ("deepspeed", "processes", "gpu")}
+    assert typed_settings()["router.train"] == defaults("router.train")  # the old scale keys have none
 
 
 def test_a_schema_default_change_reaches_the_code(patched_schema):

@@ -90,6 +90,25 @@ def test_padding_never_changes_real_tokens_outputs():
     torch.testing.assert_close(plain, left[:, 3:])  # every layer recurrent: pads leave no trace
 
 
+def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward_with_padding():
+    """The recomputation in the backward pass sees the padding mask the forward saw (it reaches the
+    time-mix as a layer argument, not as state that the model's forward resets)."""
+    teacher = tiny_llama()
+    ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    grads = []
+    for checkpointing in (False, True):
+        student = hybrid.from_teacher(teacher, [1])
+        if checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.train()
+        student(input_ids=ids, attention_mask=mask).logits.sum().backward()
+        grads.append({n: p.grad for n, p in student.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[0])
+
+
 def test_student_folder_loads_with_remote_code_and_generates(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -95,7 +95,7 @@ def stage_job(work: Path, tmp: Path, **settings) -> dict:
     s = {"stage": 2, "steps": 6, "batch_size": 2, "max_len": 64, "lr": 1e-3, "weight_decay": 0.0,
          "warmup_steps": 1, "kl_weight": 1.0, "ce_weight": 0.5, "temperature": 2.0, "teacher_topk": 16,
          "trainable": "rwkv", "save_every": 2, "log_every": 1, "seed": 0, "collective_timeout_s": 60,
-         "grad_clip": 1.0, "deepspeed": None, **settings}
+         "grad_clip": 1.0, **settings}
     return {"settings": s, "teacher": str(work / "results/assets/models/tiny-llama"),
             "student": str(root / "stage1/model"), "data": [str(root / "data/chat/train.parquet")],
             "out": str(tmp / "model"), "plot": str(tmp / "loss.png"), "history": str(tmp / "h.json"),
@@ -141,15 +141,38 @@ def test_a_teacher_that_dies_makes_its_trainers_fail_fast(run, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+def test_a_stage_in_bf16_with_gradient_checkpointing_on_two_trainers_saves_a_student_that_generates(run, tmp_path):
+    """distill.scale reaches the trainers: bf16 autocast and gradient checkpointing, 2 gloo trainer ranks
+    and their teacher."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modelmake.distill.launch import run_stage
+    from modelmake.files import read_json
+
+    work, _ = run
+    run_stage(stage_job(work, tmp_path, steps=3, save_every=10), tmp_path / "logs", 120,
+              scale={"precision": "bf16", "gradient_checkpointing": True})
+    for rank in (0, 1):
+        assert "precision bf16, gradient checkpointing on" in (tmp_path / f"logs/trainer{rank}.log").read_text()
+    prov = read_json(tmp_path / "model/provenance.json")
+    assert prov["config"]["scale"]["precision"] == "bf16" and prov["counts"]["trainers"] == 2
+    hist = json.loads((tmp_path / "h.json").read_text())
+    assert [r["step"] for r in hist] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in hist)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    enc = tok("the moon", return_tensors="pt")
+    assert model.generate(**enc, max_new_tokens=4, do_sample=False).shape[1] > enc["input_ids"].shape[1]
+
+
 def test_deepspeed_zero3_path_trains_on_cpu_and_saves_a_loadable_student(run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from modelmake.distill.launch import run_stage
 
     work, _ = run
-    job = stage_job(work, tmp_path, deepspeed=str(REPO / "config/distill/zero3_cpu.json"), steps=3, save_every=10)
+    job = stage_job(work, tmp_path, steps=3, save_every=10)
     job.update(teacher_mode="local", ranks_per_group=1)
-    run_stage(job, tmp_path / "logs", 120)
+    run_stage(job, tmp_path / "logs", 120, scale={"deepspeed": str(REPO / "config/distill/zero3_cpu.json")})
     assert "DeepSpeed" in (tmp_path / "logs/trainer0.log").read_text()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
     assert model.config.rwkv_layers == [1]

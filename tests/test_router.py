@@ -209,15 +209,16 @@ def test_train_router_without_settings_trains_with_the_schemas_defaults(base, tm
     df.to_parquet(tmp_path / "train.parquet")
     with pytest.raises(Configured) as got:
         train_router(tmp_path / "train.parquet", tmp_path / "train.parquet", base, tmp_path / "out", tmp_path / "ckpt",
-                     settings={}, deepspeed=None, seed=0, config={})
+                     settings={}, seed=0, config={})
     args = got.value.args[0]
-    want = cfg.defaults("router.train")
+    want, scale = cfg.defaults("router.train"), cfg.defaults("$defs.scale")
     assert args["learning_rate"] == (schema_lr or want["lr"])
     assert (args["num_train_epochs"], args["per_device_train_batch_size"], args["gradient_accumulation_steps"],
             args["max_length"], args["warmup_steps"], args["weight_decay"], args["save_steps"], args["logging_steps"],
-            args["bf16"], args["gradient_checkpointing"]) == (
+            args["bf16"], args["gradient_checkpointing"], args["use_cpu"]) == (
         want["epochs"], want["batch_size"], want["grad_accum"], want["max_length"], want["warmup_ratio"],
-        want["weight_decay"], want["save_steps"], want["logging_steps"], want["bf16"], want["gradient_checkpointing"])
+        want["weight_decay"], want["save_steps"], want["logging_steps"], scale["precision"] == "bf16",
+        scale["gradient_checkpointing"], not scale["gpu"])
 
 
 # --- scoring
@@ -341,7 +342,7 @@ def test_with_zero3_the_checkpoint_is_consolidated_into_the_model(tmp_path):
     from conftest import run_snakemake, small_config, write_config
     from test_workflow_dry import jobs_planned
 
-    write_config(tmp_path, small_config(tmp_path, **{"router.train.deepspeed": str(REPO / "config/router/zero3.json")}))
+    write_config(tmp_path, small_config(tmp_path, **{"router.scale.deepspeed": str(REPO / "config/router/zero3.json")}))
     out = run_snakemake(tmp_path, "-n", str(tmp_path / "results/router/demo/model")).stdout
     assert jobs_planned(out) == {"router_data": 1, "router_train": 1, "router_consolidate": 1, "reformat": 2,
                                  "build_tokenizer": 1, "build_model": 1}

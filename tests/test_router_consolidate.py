@@ -1,5 +1,6 @@
 """ZeRO-3 consolidation on real DeepSpeed ZeRO-3 checkpoints made here on CPU (gloo), with one
-training process and with two (torchrun): the consolidated safetensors folder loads with
+training process and with two (torchrun, the command router_train runs: modelmake.launch; that run is
+killed after its first checkpoint and resumed): the consolidated safetensors folder loads with
 from_pretrained and holds exactly the trained weights.
 
 The trained weights' reference is ``weights_digest.json``, written at the end of training from the
@@ -10,13 +11,12 @@ independent of ``zero_to_fp32``, which reads the optimizer-state partitions from
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, env
+from conftest import REPO
 from test_router import DEMO, make_tiny_base
+from test_scale import kill_after_first_checkpoint, launched, run_to_the_end
 
 pytestmark = pytest.mark.slow
 
@@ -34,20 +34,19 @@ def setup(tmp_path_factory):
     return root, base, splits
 
 
-def train(root, base, splits, name: str, processes: int):
+def train(root, base, splits, name: str, processes: int, kill: bool = False, **settings):
+    """Train with ZeRO-3 on ``processes`` gloo processes; ``kill``: first killed after its first
+    checkpoint (the launcher's process group, by PID), then rerun: return the output and that checkpoint."""
     out, ckpt = root / name / "zero3", root / name / "ckpt"
-    settings = {"epochs": 1, "batch_size": 4, "lr": 0.01, "max_length": 512, "save_steps": 100, "logging_steps": 1}
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    cmd = [*launcher, "-m", "modelmake", "router-train", "--train", str(splits["train"]),
-           "--eval", str(splits["calib"]), "--base", str(base), "--out", str(out), "--ckpt-dir", str(ckpt),
-           "--settings", json.dumps(settings), "--deepspeed", str(REPO / "config/router/zero3.json")]
-    e = env()
-    e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    proc = subprocess.run(cmd, env=e, cwd=root, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    return out
+    settings = {"epochs": 1, "batch_size": 4, "lr": 0.01, "max_length": 512, "save_steps": 100, "logging_steps": 1,
+                **settings}
+    scale = {"processes": processes, "deepspeed": str(REPO / "config/router/zero3.json")}
+    cmd = launched(scale, "router-train", "--train", str(splits["train"]), "--eval", str(splits["calib"]),
+                   "--base", str(base), "--out", str(out), "--ckpt-dir", str(ckpt), "--settings", json.dumps(settings))
+    (root / name).mkdir()
+    killed_at = kill_after_first_checkpoint(cmd, ckpt, root / name / "killed.log", root) if kill else None
+    run_to_the_end(cmd, root / name / "train.log", root)
+    return (out, killed_at) if kill else out
 
 
 def consolidate_and_check(zero3, out):
@@ -83,10 +82,15 @@ def test_one_process_zero3_checkpoint_consolidates_to_the_trained_weights(setup)
     assert model.get_input_embeddings().weight.shape[0] == json.loads((zero3 / "config.json").read_text())["vocab_size"]
 
 
-def test_two_process_zero3_checkpoint_consolidates_to_the_trained_weights(setup):
+def test_two_process_zero3_run_killed_then_resumed_consolidates_to_the_trained_weights(setup):
     root, base, splits = setup
-    zero3 = train(root, base, splits, "two", processes=2)
+    # 2 epochs of 36 rows / (4 x 2 processes): 10 steps, a checkpoint every 2
+    zero3, killed_at = train(root, base, splits, "two", processes=2, kill=True, epochs=2, save_steps=2)
+    metrics = json.loads((zero3 / "metrics.json").read_text())
+    assert metrics["resumed_from"] and int(metrics["resumed_from"].rsplit("-", 1)[1]) >= int(killed_at.split("-")[1])
+    assert metrics["steps"] == 10
     step = next(zero3.glob("global_step*"))
+    assert step.name == "global_step10"
     assert {p.name for p in step.glob("*optim_states.pt")} == {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
     consolidate_and_check(zero3, root / "two" / "model")

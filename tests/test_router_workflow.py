@@ -36,8 +36,8 @@ def router_config(workdir, base, **overrides):
     cfg["models"]["router_base"] = {"path": str(base)}
     r = cfg["router"]
     r.update(run="t", data=[str(raw)], n_sample=200)
-    r["train"].update(deepspeed=str(REPO / "config/router/zero3.json"), epochs=2, batch_size=8, lr=0.01,
-                      max_length=512, save_steps=2, logging_steps=1)
+    r["scale"]["deepspeed"] = str(REPO / "config/router/zero3.json")
+    r["train"].update(epochs=2, batch_size=8, lr=0.01, max_length=512, save_steps=2, logging_steps=1)
     for k, v in overrides.items():
         node = cfg
         *parents, last = k.split(".")

@@ -14,24 +14,13 @@ pytestmark = pytest.mark.slow  # imports TRL and trains a tiny model (~20 s)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     import pandas as pd
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from modelmake.assets import build_tokenizer
+    from test_scale import tiny_llama_folder
 
     root = tmp_path_factory.mktemp("sp_trainer")
     convs = [[{"role": "user", "content": f"question {i} about topic {i % 5}?"},
               {"role": "assistant", "content": f"answer {i}: topic {i % 5} is simple."}] for i in range(40)]
-    pd.DataFrame({"id": [str(i) for i in range(40)], "messages": convs}).to_parquet(root / "c.parquet")
-    build_tokenizer([root / "c.parquet"], root / "model", vocab_size=400)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(root / "model")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    tiny_llama_folder(root, convs, hidden=64, max_len=128)
     rows = []
     for i in range(8):
         prompt = [{"role": "user", "content": f"question {i} about topic {i % 5}?"}]

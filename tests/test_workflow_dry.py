@@ -332,18 +332,23 @@ def expected_gpus(c: dict, job: dict) -> int:
         tp = {**c["serve"], **c["models"][role].get("serve", {})}["tensor_parallel_size"]
         return servers * tp if c["serve"]["gpu"] else 0
 
+    from modelmake.launch import world_size
+
+    def trained(section):  # a training job: one GPU per process of its scale
+        return world_size(c[section]["scale"]) if c[section]["scale"]["gpu"] else 0
+
     generator = re.search(r"generator=([\w.-]+)", job["wildcards"])
     s = c.get("distill", {}).get("service", {})
     return {
         "generate_shard": lambda: pool(c["pseudo_labels"]["teacher"], c["serve"]["servers_per_partition"]),
         "selfplay_generate": lambda: pool(c["selfplay"]["sft_model"], c["selfplay"]["world_size"]),
         "arena_generate": lambda: pool(generator and generator[1], c["arena"]["response_pairs"]["servers"]),
-        "router_train": lambda: c["router"]["train"]["gpu"], "router_score": lambda: c["router"]["score"]["gpu"],
-        "selfplay_train": lambda: c["selfplay"]["train_gpus"],
-        "arena_train": lambda: c["arena"]["gpu"], "arena_predict": lambda: c["arena"]["gpu"],
+        "router_train": lambda: trained("router"), "router_score": lambda: c["router"]["score"]["gpu"],
+        "selfplay_train": lambda: trained("selfplay"),
+        "arena_train": lambda: trained("arena"), "arena_predict": lambda: int(c["arena"]["scale"]["gpu"]),
         "arena_export": lambda: c["resources"]["arena"]["export"]["gpus"],
         "arena_export_ensemble": lambda: c["resources"]["arena"]["export"]["gpus"],
-        "distill_stage": lambda: s["groups"] * (s["ranks_per_group"] + 1) if s["gpu"] else 0,
+        "distill_stage": lambda: s["groups"] * (s["ranks_per_group"] + 1) if c["distill"]["scale"]["gpu"] else 0,
         "distill_eval": lambda: c["resources"]["distill"]["eval"]["gpus"],
     }.get(job["rule"], lambda: 0)()
 

@@ -25,7 +25,7 @@ def distill_stage_settings(n):
     """One stage's training settings as JSON (everything the trainer processes need to agree on)."""
     return as_json({
         **DI[f"stage{n}"], "stage": n, "max_len": DI["max_len"], "seed": config["seed"],
-        "collective_timeout_s": DI["service"]["collective_timeout_s"], "deepspeed": DI.get("deepspeed"),
+        "collective_timeout_s": DI["service"]["collective_timeout_s"],
     })
 
 
@@ -33,10 +33,10 @@ def distill_layout():
     return as_json(DI["service"])
 
 
-def distill_gpus():
+def distill_processes():
+    """Processes of a stage (its supervisor starts them): a teacher and its trainers per group."""
     s = DI["service"]
-    per_group = s["ranks_per_group"] + (1 if s["mode"] == "service" else 0)
-    return s["groups"] * per_group if s["gpu"] else 0
+    return s["groups"] * (s["ranks_per_group"] + (1 if s["mode"] == "service" else 0))
 
 
 def distill_targets():

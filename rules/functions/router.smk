@@ -8,12 +8,6 @@ def router_path(*parts):
     return results("router", ROUTER["run"], *parts)
 
 
-def router_launcher():
-    """How the training job starts: one process, or torchrun with router.train.processes of them."""
-    n = ROUTER["train"]["processes"]
-    return "python" if n == 1 else f"torchrun --standalone --nproc_per_node {n}"
-
-
 def router_targets():
     """The router's evaluation (metrics, curve) and calibration."""
     return [router_path("eval", "metrics.json"), router_path("eval", "curve.png"),

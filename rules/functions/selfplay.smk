@@ -17,10 +17,10 @@ def sp_settings(t):
 
 
 def sp_recipe(t):
-    """What makes iteration t's model (the SFT model, data and every iteration's settings up to t):
-    deterministic training makes it an identity of the weights, known before they exist."""
+    """What makes iteration t's model (the SFT model, data, how training scales and every iteration's
+    settings up to t): deterministic training makes it an identity of the weights, known before they exist."""
     return {"sft": model_source(SP["sft_model"]), "dataset": config["datasets"][SP["dataset"]],
-            "seed": config["seed"], "iterations": [sp_settings(i) for i in range(t + 1)]}
+            "seed": config["seed"], "scale": SP["scale"], "iterations": [sp_settings(i) for i in range(t + 1)]}
 
 
 def sp_start_model(t):

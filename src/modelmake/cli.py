@@ -137,6 +137,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from modelmake.launch import die_with_launcher
+
+    die_with_launcher()  # a worker of torchrun dies with it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress bar
     args = parser().parse_args(argv)

@@ -216,6 +216,9 @@ def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool =
             problems.append(f"{where}: {err.message}")
     if problems:
         raise ConfigError(_report(problems, schema_path))
+    problems += _map_old_scale_keys(config)
+    if problems:
+        raise ConfigError(_report(problems, schema_path))
     config = _with_defaults(schema, config, schema)
     for at, value, ref, parent in _annotated(schema, config, schema, "x-ref"):
         problems += _ref_problems(config, at, value, ref, parent)
@@ -230,6 +233,50 @@ def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool =
     if problems:
         raise ConfigError(_report(problems, schema_path))
     return config
+
+
+# Keys that said how a training job scales before each section had a `scale` ($defs/scale), and
+# what they are now: (old key, scale section, {scale key: value}) from the old value.
+OLD_SCALE_KEYS = (
+    ("router.train.processes", "router.scale", lambda v: {"processes": v}),
+    ("router.train.gpu", "router.scale", lambda v: {"gpu": True, "processes": v} if v else {"gpu": False}),
+    ("router.train.deepspeed", "router.scale", lambda v: {"deepspeed": v}),
+    ("router.train.bf16", "router.scale", lambda v: {"precision": "bf16" if v else "fp32"}),
+    ("router.train.gradient_checkpointing", "router.scale", lambda v: {"gradient_checkpointing": v}),
+    ("arena.gpu", "arena.scale", lambda v: {"gpu": bool(v)}),
+    ("selfplay.train_gpus", "selfplay.scale", lambda v: {"gpu": True, "processes": v} if v else {"gpu": False}),
+    ("distill.service.gpu", "distill.scale", lambda v: {"gpu": v}),
+    ("distill.deepspeed", "distill.scale", lambda v: {"deepspeed": v}),
+)
+
+
+def _map_old_scale_keys(config: dict) -> list[str]:
+    """Move the old keys of :data:`OLD_SCALE_KEYS` into their section's ``scale`` (in place), so the
+    workflow reads one place; a problem where an old and a new key (or two old ones) disagree."""
+    problems, given = [], {}  # scale key path -> (value, the key that set it)
+    for old, section, new in OLD_SCALE_KEYS:
+        *parents, last = old.split(".")
+        holder = _lookup(config, parents)
+        if not isinstance(holder, dict) or last not in holder:
+            continue
+        scale_at = section.split(".")
+        if _lookup(config, scale_at[:-1]) is None:
+            continue
+        scale = _lookup(config, scale_at[:-1]).setdefault(scale_at[-1], {})
+        if not isinstance(scale, dict):
+            continue  # the schema reported it
+        for key, value in new(holder.pop(last)).items():
+            where = f"{section}.{key}"
+            if where in given and given[where][0] != value:
+                problems.append(f"{old}: says {key} {value!r}, {given[where][1]} says {given[where][0]!r}; "
+                                f"give {where} once")
+            elif key in scale and where not in given and scale[key] != value:
+                problems.append(f"{old} (the old name of {where}) and {where} disagree: "
+                                f"{value!r} vs {scale[key]!r}; keep {where} only")
+            else:
+                scale[key] = value
+                given[where] = (value, old)
+    return problems
 
 
 def _report(problems: list[str], schema_path) -> str:
@@ -263,7 +310,7 @@ def _cross_checks(c: dict) -> list[str]:
         from modelmake.arena.checks import cross_checks
 
         out += cross_checks(c)
-    out += _distill_checks(c) + _router_checks(c) + _selfplay_checks(c)
+    out += _distill_checks(c) + _router_checks(c) + _selfplay_checks(c) + _scale_checks(c)
     return out
 
 
@@ -285,6 +332,16 @@ def generating_roles(c: dict) -> dict[str, list[str]]:
     if "selfplay" in c:
         out["selfplay"] = [c["selfplay"]["sft_model"]]
     return out
+
+
+def _scale_checks(c: dict) -> list[str]:
+    """Each pipeline's ``scale``: what it offers (modelmake.launch.scale_problems)."""
+    from modelmake.launch import scale_problems
+
+    offers = {"router": {"lora_with_deepspeed": False}, "arena": {"zero3": False}, "selfplay": {"zero3": False},
+              "distill": {"lora": False, "multi_process": False}}
+    return [p for name, kw in offers.items() if name in c
+            for p in scale_problems(c[name]["scale"], f"{name}.scale", **kw)]
 
 
 def _distill_checks(c: dict) -> list[str]:

@@ -47,7 +47,8 @@ def cmd_train(a) -> None:
     from modelmake.arena.stages import run_stage
 
     run_stage(init=a.init, labelled=a.labelled, pseudo=a.pseudo, out=a.out, ckpt=a.ckpt, eval_out=a.eval_out,
-              loss_png=a.loss_plot, settings=json.loads(a.settings), seed=a.seed, name=a.name)
+              loss_png=a.loss_plot, settings=json.loads(a.settings), seed=a.seed, name=a.name,
+              scale=json.loads(a.scale))
 
 
 def cmd_predict(a) -> None:
@@ -117,6 +118,7 @@ def add_commands(sub) -> None:
     p.add_argument("--eval-out", required=True)
     p.add_argument("--loss-plot", required=True)
     p.add_argument("--settings", required=True, help="JSON: template, train, valid_fold")
+    p.add_argument("--scale", default="{}", help="JSON of arena.scale (modelmake.launch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="stage")
     p.set_defaults(func=cmd_train)

@@ -4,11 +4,14 @@
 the score head reads the hidden state of the last non-pad token (the verdict cue), so ``pad_token_id``
 must be set. Training is cross-entropy against soft targets ``[p_a, 1 - p_a]`` (hard labels are the
 one-hot case), with the HF Trainer so that a killed stage resumes from its last ``checkpoint-N``.
+How it scales (processes, GPUs, precision, DeepSpeed ZeRO-1/2, gradient checkpointing, LoRA with the
+score head trained in full) comes from ``arena.scale`` (:mod:`modelmake.launch`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,24 +98,27 @@ def training_rows(df, tokenizer, ts: TemplateSettings, swap_augment: bool) -> li
 
 
 def train(init: str | Path, train_df, ckpt: str | Path, ts: TemplateSettings, s: TrainSettings,
-          seed: int, key: str):
-    """Train a classifier from ``init`` on ``train_df`` (prompt, response_a, response_b, p_a).
+          seed: int, key: str, scale: dict | None = None):
+    """Train a classifier from ``init`` on ``train_df`` (prompt, response_a, response_b, p_a) on the
+    processes of ``scale`` (``arena.scale``; each reads its share of every step's batches).
 
     Checkpoints go to ``ckpt`` (kept when the job fails, so a rerun resumes from the last complete
     one); ``key`` (``training.checkpoint_key`` of the stage's settings and inputs) says which run
     they belong to: checkpoints of another are removed, not resumed. Returns (model, tokenizer,
-    log_history, counts).
+    log_history, counts): the model plain (LoRA merged in), on rank 0; on other ranks model is None.
     """
-    import torch
     from transformers import Trainer, TrainingArguments
 
+    from modelmake import launch
     from modelmake.training import prepare_checkpoint_dir, seed_everything
 
+    sc = launch.scale_settings(scale, "arena.scale")
+    scale_args = launch.trainer_args(sc)
     seed_everything(seed)
     ckpt = Path(ckpt)
     resume = prepare_checkpoint_dir(ckpt, key)
     tok = load_tokenizer(init)
-    model = load_classifier(init, tok)
+    model = launch.apply_lora(load_classifier(init, tok), sc["lora"], task_type="SEQ_CLS")
     rows = training_rows(train_df, tok, ts, s.swap_augment)
 
     class SoftTrainer(Trainer):
@@ -122,25 +128,26 @@ def train(init: str | Path, train_df, ckpt: str | Path, ts: TemplateSettings, s:
             loss = soft_cross_entropy(out.logits, targets)
             return (loss, out) if return_outputs else loss
 
-    steps_per_epoch = -(-len(rows) // s.batch_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = -(-len(rows) // (s.batch_size * world))
     total = s.max_steps if s.max_steps > 0 else max(1, round(steps_per_epoch * s.epochs))
     args = TrainingArguments(
         output_dir=str(ckpt), per_device_train_batch_size=s.batch_size, num_train_epochs=s.epochs,
         max_steps=s.max_steps, learning_rate=s.lr, weight_decay=s.weight_decay,
         lr_scheduler_type="cosine", warmup_steps=int(total * s.warmup_ratio),
         logging_steps=max(1, total // 20), save_strategy="steps", save_steps=s.save_steps,
-        save_total_limit=2, report_to="none", seed=seed, data_seed=seed,
-        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-        label_names=["soft_labels"], dataloader_num_workers=0, disable_tqdm=True,
+        save_total_limit=2, report_to="none", seed=seed, data_seed=seed, remove_unused_columns=False,
+        label_names=["soft_labels"], dataloader_num_workers=0, disable_tqdm=True, **scale_args,
     )
     trainer = SoftTrainer(model=model, args=args, train_dataset=rows,
                           data_collator=lambda b: collate(b, tok.pad_token_id))
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     counts = {"pairs": len(train_df), "examples": len(rows), "steps": trainer.state.global_step,
-              "resumed_from": Path(resume).name if resume else None,
+              "processes": world, "resumed_from": Path(resume).name if resume else None,
               "train_seconds": round(time.time() - started, 3)}
-    return trainer.model, tok, trainer.state.log_history, counts
+    model = launch.merged(trainer.model) if trainer.is_world_process_zero() else None
+    return model, tok, trainer.state.log_history, counts
 
 
 def predict(model, tokenizer, df, ts: TemplateSettings, batch_size: int = 32, swap: bool = False):

@@ -27,7 +27,7 @@ def predict_pairs(model_dir: str, pairs: str, out: str, batch_size: int = 32) ->
     ts = TemplateSettings(**read_json(Path(model_dir) / "arena.json")["template"])
     tok = load_tokenizer(model_dir)
     model = load_classifier(model_dir, tok)
-    if torch.cuda.is_available():  # the rule's gpu resource (arena.gpu) gave this job one
+    if torch.cuda.is_available():  # the rule's gpu resource (arena.scale.gpu) gave this job one
         model.to("cuda")
     df = pd.read_parquet(pairs)
     p_orig = predict(model, tok, df, ts, batch_size)

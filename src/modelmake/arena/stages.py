@@ -17,7 +17,7 @@ from pathlib import Path
 from modelmake.arena.evaluate import metrics
 from modelmake.arena.model import TrainSettings, hard_targets, predict, train
 from modelmake.arena.template import TemplateSettings
-from modelmake.errors import RecordError
+from modelmake.errors import RecordError, UserError
 from modelmake.files import write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,13 @@ def training_data(labelled, pseudo: list, valid_fold: int, label_smoothing: floa
 
 
 def run_stage(*, init: str, labelled: str, pseudo: list[str], out: str, ckpt: str, eval_out: str,
-              loss_png: str, settings: dict, seed: int, name: str) -> dict:
+              loss_png: str, settings: dict, seed: int, name: str, scale: dict | None = None) -> dict | None:
+    """Train the stage on the processes of ``scale`` (``arena.scale``); rank 0 then predicts the
+    validation fold and writes the model folder, the predictions and the loss curve, and returns
+    the metrics (other ranks return None)."""
     import pandas as pd
 
+    from modelmake import launch
     from modelmake.training import checkpoint_key, plot_loss_curves, save_model_folder
 
     started = time.time()
@@ -76,8 +80,15 @@ def run_stage(*, init: str, labelled: str, pseudo: list[str], out: str, ckpt: st
                                        settings["valid_fold"], s.label_smoothing)
     check_no_leak(train_df, valid_df, name)
     inputs = [init, labelled, *pseudo]
-    key = checkpoint_key({"settings": settings, "seed": seed}, inputs)
-    model, tok, history, counts = train(init, train_df, ckpt, ts, s, seed, key)
+    sc = launch.scale_settings(scale, "arena.scale")
+    problems = launch.scale_problems(sc, "arena.scale", zero3=False)
+    if problems:
+        raise UserError("; ".join(problems))
+    key = checkpoint_key({"settings": settings, "seed": seed, "scale": launch.recipe(sc)},
+                         [*inputs, *([sc["deepspeed"]] if sc["deepspeed"] else [])])
+    model, tok, history, counts = train(init, train_df, ckpt, ts, s, seed, key, sc)
+    if model is None:
+        return None  # not rank 0: rank 0 evaluates and writes
 
     p_a = predict(model, tok, valid_df, ts)
     p_swap = predict(model, tok, valid_df, ts, swap=True)
@@ -87,7 +98,7 @@ def run_stage(*, init: str, labelled: str, pseudo: list[str], out: str, ckpt: st
     write_parquet(preds, eval_out)
     write_json(Path(eval_out).with_suffix(".json"), result)
     plot_loss_curves(history, loss_png, title=f"arena {name}")
-    save_model_folder(out, model, tok, config={**settings, "seed": seed}, inputs=inputs,
+    save_model_folder(out, model, tok, config={**settings, "seed": seed, "scale": sc}, inputs=inputs,
                       counts={**counts, "valid_pairs": len(valid_df)}, started=started,
                       extra={"arena.json": {"template": settings["template"]}, "metrics.json": result})
     log.info("%s: %s", name, result)

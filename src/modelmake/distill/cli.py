@@ -55,7 +55,7 @@ def cmd_stage(a) -> None:
            "out": a.out, "plot": a.plot, "history": a.history, "ckpt": a.ckpt, "ready_dir": a.ready_dir,
            "groups": lay["groups"], "ranks_per_group": lay["ranks_per_group"], "teacher_mode": lay["mode"],
            "threads_per_process": lay["threads_per_process"]}
-    run_stage(job, a.log_dir, lay["ready_timeout_s"], gpu=lay["gpu"])
+    run_stage(job, a.log_dir, lay["ready_timeout_s"], scale=json.loads(a.scale))
 
 
 def cmd_eval(a) -> None:
@@ -105,7 +105,9 @@ def add_commands(sub) -> None:
     p.add_argument("--log-dir", required=True, help="one log per process")
     p.add_argument("--settings", required=True, help="JSON of the stage's training settings")
     p.add_argument("--layout", required=True,
-                   help="JSON: groups, ranks_per_group, mode, threads_per_process, gpu, ready_timeout_s")
+                   help="JSON: groups, ranks_per_group, mode, threads_per_process, ready_timeout_s")
+    p.add_argument("--scale", default="{}",
+                   help="JSON of distill.scale (modelmake.launch): gpu, precision, deepspeed, gradient_checkpointing")
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("distill-eval", help="held-out perplexity and KL to the teacher -> metrics JSON and plot")

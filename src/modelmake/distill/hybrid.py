@@ -102,7 +102,6 @@ class TimeMix(nn.Module):
         self.bonus = nn.Parameter(torch.full((self.num_heads, self.head_dim), 0.5))
         self.ln_x = nn.GroupNorm(self.num_heads, inner, eps=1e-5 * self.head_dim)
         self.use_fla = bool(getattr(config, "use_fla", False))
-        self.pad_mask: torch.Tensor | None = None  # [B, T] set by the model for each forward
 
     @torch.no_grad()
     def init_from_attention(self, attn: nn.Module, num_kv_heads: int) -> None:
@@ -118,10 +117,13 @@ class TimeMix(nn.Module):
                 mine.bias.copy_(expand_kv(theirs.bias, n, num_kv_heads, d) if expand else theirs.bias)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, rwkv_pad_mask=None, **kwargs):
+        """``rwkv_pad_mask``: the [B, T] padding mask, passed down by the model as a layer argument (not
+        kept on the module: gradient checkpointing recomputes the layer in the backward pass with the
+        arguments of the forward, after the model's forward returned)."""
         b, t, _ = hidden_states.shape
         x = hidden_states
-        mask = self.pad_mask if self.pad_mask is not None and self.pad_mask.shape == (b, t) else None
+        mask = rwkv_pad_mask if rwkv_pad_mask is not None and rwkv_pad_mask.shape == (b, t) else None
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
         if mask is not None:  # a pad before a token shifts in zeros, as at the start of a sequence
             prev = prev * torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)[..., None].to(x.dtype)
@@ -161,15 +163,10 @@ class HybridForCausalLM(LlamaForCausalLM):
         return [self.model.layers[i].self_attn for i in self.config.rwkv_layers]
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
-        for tm in self.time_mixes():
-            tm.pad_mask = attention_mask
-        try:
-            # the recurrent layers keep no KV cache: every forward sees the whole sequence
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
-                                   past_key_values=None, use_cache=False, **kwargs)
-        finally:
-            for tm in self.time_mixes():
-                tm.pad_mask = None
+        # the recurrent layers keep no KV cache: every forward sees the whole sequence; the padding mask
+        # reaches every layer as an argument (the attention layers ignore it)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=None,
+                               use_cache=False, rwkv_pad_mask=attention_mask, **kwargs)
 
 
 def register() -> None:

@@ -10,8 +10,12 @@ each in its own session with ``PR_SET_PDEATHSIG``, one log each), then watches t
   ``ServiceError``;
 * this job gets SIGTERM/SIGINT (Snakemake cancelled) -> stop all, exit.
 
-GPU: process ``i`` gets ``CUDA_VISIBLE_DEVICES`` = the i-th GPU of the allocation (teacher and
-trainers one each); backend NCCL. CPU: Gloo, ``threads_per_process`` torch threads each.
+How it scales comes from ``distill.scale`` (:mod:`modelmake.launch`, as in every pipeline) except
+the process count, which is the service layout's: with ``gpu`` process ``i`` gets
+``CUDA_VISIBLE_DEVICES`` = the i-th GPU of the allocation (teacher and trainers one each), backend
+NCCL; without, Gloo and ``threads_per_process`` torch threads each. Each process gets its rank's
+environment from ``launch.rank_env``; precision, DeepSpeed and gradient checkpointing reach the
+trainers through ``job.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from modelmake.config import default, fill_defaults
 from modelmake.errors import ServiceError, UserError
 from modelmake.files import write_json
+from modelmake.launch import rank_env, recipe, scale_problems, scale_settings
 from modelmake.procs import free_port, log_tail, start_in_group, stop_process_groups
 from modelmake.training import checkpoint_key, prepare_checkpoint_dir
 
@@ -40,9 +45,16 @@ class TrainingError(UserError):
     """A process of a distillation stage failed; the others were stopped."""
 
 
-def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float,
-              gpu: bool = default("distill.service.gpu")) -> None:
+def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, scale: dict | None = None) -> None:
+    """Run one stage's processes (``job``: what ``job.json`` holds, less what this adds) under
+    ``scale`` (``distill.scale``), until all exit."""
     from modelmake.distill.service import Layout
+
+    scale = scale_settings(scale, "distill.scale")
+    problems = scale_problems(scale, "distill.scale", lora=False, multi_process=False)
+    if problems:
+        raise UserError("; ".join(problems))
+    gpu = scale["gpu"]
 
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -57,10 +69,11 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float,
     # the stage's settings and threads with the schema's defaults (distill.stageN, distill.service)
     job = {"threads_per_process": default("distill.service.threads_per_process"), **job,
            "settings": fill_defaults("$defs.distill_stage", job["settings"]),
-           "backend": "nccl" if gpu else "gloo"}
+           "scale": scale, "backend": "nccl" if gpu else "gloo"}
     # this supervisor is the only process that clears and marks the folder; the trainers it starts
     # resume from what it kept (training.resume_checkpoint)
-    key = checkpoint_key(resume_settings(job), [job["teacher"], job["student"], *job["data"]])
+    key = checkpoint_key(resume_settings(job), [job["teacher"], job["student"], *job["data"],
+                                                *([scale["deepspeed"]] if scale["deepspeed"] else [])])
     prepare_checkpoint_dir(ckpt, key, rank=0)
     job_path = ckpt / "job.json"
     write_json(job_path, job)
@@ -84,8 +97,7 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float,
         for rank in range(world):
             name = (f"teacher{layout.role(rank)[1]}" if service and layout.role(rank)[0] == "teacher"
                     else f"trainer{layout.role(rank)[2] if service else rank}")
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(port), "LOCAL_RANK": "0" if gpu else str(rank),
+            env = {**os.environ, **rank_env(rank, world, port, local_rank=0 if gpu else rank),
                    "OMP_NUM_THREADS": str(job["threads_per_process"]),
                    # the children import this very modelmake, whatever sys.path the caller had
                    "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
@@ -131,7 +143,8 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float,
 
 def resume_settings(job: dict) -> dict:
     """What a checkpoint must match besides the inputs' contents to be resumed: settings (less the
-    test hooks) and layout."""
+    test hooks), layout and scale (the DeepSpeed config counts by content, among the inputs)."""
     keys = {k: job[k] for k in ("settings", "groups", "ranks_per_group", "teacher_mode", "backend")}
+    keys["scale"] = recipe(job["scale"])
     return {**keys, "settings": {k: v for k, v in job["settings"].items()
                                  if k not in ("fail_at_step", "teacher_exit_after")}}

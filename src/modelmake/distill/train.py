@@ -3,7 +3,9 @@
 The stage's supervisor (modelmake.distill.launch) writes ``job.json`` and starts every process
 with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT / LOCAL_RANK set. Trainers:
 
-* build the student from the stage's input folder, freeze what ``trainable`` says to;
+* build the student from the stage's input folder, freeze what ``trainable`` says to; take
+  precision (autocast, or DeepSpeed's bf16 / fp16), DeepSpeed and gradient checkpointing from the
+  stage's ``scale`` (``distill.scale``, :mod:`modelmake.launch`);
 * read batches in a seeded order that is a function of the step only, so a resumed run sees the
   same batches as an uninterrupted one;
 * ask the teacher (remote, over the group; or local, in-process) for logits / hidden states;
@@ -15,6 +17,7 @@ with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT / LOCAL_RANK set. Trainers:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +27,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from modelmake import launch
 from modelmake.files import read_json, write_json
 from modelmake.training import plot_loss_curves, resume_checkpoint, save_model_folder, seed_everything
 
@@ -71,7 +75,7 @@ def init_world(job: dict):
         return layout, None, None
     groups = Groups(layout)
     # DeepSpeed asks for a model-parallel group: one per rank (created by every process, in order)
-    singles = [dist.new_group([r]) for r in range(layout.world_size)] if job["settings"].get("deepspeed") else None
+    singles = [dist.new_group([r]) for r in range(layout.world_size)] if job["scale"]["deepspeed"] else None
     return layout, groups, singles
 
 
@@ -149,7 +153,7 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
     from modelmake.distill.service import LocalTeacher, RemoteTeacher
 
     hybrid.register()
-    s = job["settings"]
+    s, sc = job["settings"], job["scale"]
     started = time.time()
     if job["teacher_mode"] == "service":
         _, g, index = layout.role(rank)
@@ -160,6 +164,10 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
     device = device_for(job["backend"])
     seed_everything(s["seed"])
     student = AutoModelForCausalLM.from_pretrained(job["student"]).to(device)
+    if sc["gradient_checkpointing"]:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log.info("precision %s, gradient checkpointing %s, DeepSpeed %s", sc["precision"],
+             "on" if student.is_gradient_checkpointing else "off", sc["deepspeed"] or "off")
     params = trainable_parameters(student, s["trainable"])
     spec = spec_for(student.config, job)
     if job["teacher_mode"] == "service":
@@ -172,12 +180,16 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
 
     ckpt_dir = Path(job["ckpt"])
     engine = None
-    if s.get("deepspeed"):
+    # fp16 without DeepSpeed: a gradient scaler (a no-op pass-through otherwise)
+    scaler = torch.amp.GradScaler(device.type, enabled=sc["precision"] == "fp16" and not sc["deepspeed"])
+    if sc["deepspeed"]:
         import deepspeed
 
-        ds_cfg = read_json(s["deepspeed"])
+        ds_cfg = read_json(sc["deepspeed"])
         ds_cfg.update({"train_micro_batch_size_per_gpu": s["batch_size"], "gradient_accumulation_steps": 1,
                        "train_batch_size": s["batch_size"] * n_trainers, "gradient_clipping": s["grad_clip"]})
+        for name in ("bf16", "fp16"):
+            ds_cfg[name] = {**ds_cfg.get(name, {}), "enabled": sc["precision"] == name}
         ds_cfg.setdefault("optimizer", {"type": "AdamW", "params": {"lr": s["lr"], "weight_decay": s["weight_decay"]}})
         mpu = TrainerMPU(trainer_group, singles[rank]) if singles else None
         engine, opt, _, _ = deepspeed.initialize(model=student, model_parameters=params, config=ds_cfg, mpu=mpu)
@@ -197,6 +209,8 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
             saved = torch.load(Path(last) / "state.pt", map_location=device, weights_only=False)
             student.load_state_dict(saved["trainable"], strict=False)
             opt.load_state_dict(saved["optimizer"])
+            if saved.get("scaler"):
+                scaler.load_state_dict(saved["scaler"])
         log.info("resumed at step %d from %s", step, last)
 
     student.train()
@@ -209,7 +223,8 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
         t_teacher += time.perf_counter() - t1
         for group_ in opt.param_groups:
             group_["lr"] = lr_at(step, s)
-        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=s["stage"] == 1)
+        with launch.autocast(sc, device) if engine is None else contextlib.nullcontext():
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=s["stage"] == 1)
         row = {"step": step + 1, "lr": lr_at(step, s)}
         if s["stage"] == 1:
             loss = losses.hidden_mse(out.hidden_states, t_hiddens, mask)
@@ -224,13 +239,15 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
             engine.backward(loss)
             engine.step()
         else:
-            loss.backward()
+            scaler.scale(loss).backward()
             if n_trainers > 1:
                 for p in params:
                     dist.all_reduce(p.grad, group=trainer_group)
                     p.grad /= n_trainers
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, s["grad_clip"])
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
         step += 1
         t_total += time.perf_counter() - t0
@@ -238,7 +255,7 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
         if step % s["log_every"] == 0 or step == s["steps"]:
             log.info("step %d %s", step, {k: round(v, 4) for k, v in row.items() if k != "step"})
         if step % s["save_every"] == 0 and step < s["steps"]:
-            save_checkpoint(ckpt_dir, step, history, student, opt, engine, index == 0)
+            save_checkpoint(ckpt_dir, step, history, student, opt, engine, index == 0, scaler)
             if s.get("fail_at_step") == step and index == 0:  # test hook: a kill right after a checkpoint
                 os._exit(17)
     teacher.close()
@@ -247,7 +264,8 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
     dist.destroy_process_group()
     if index == 0:
         tok = AutoTokenizer.from_pretrained(job["student"])
-        save_model_folder(job["out"], model_to_save, tok, config=s, inputs=[job["student"], *job["data"]],
+        save_model_folder(job["out"], model_to_save, tok, config={**s, "scale": sc},
+                          inputs=[job["student"], *job["data"]],
                           counts={"steps": step, "trainers": n_trainers, "groups": layout.groups},
                           started=started,
                           extra={"log_history.json": history,
@@ -257,7 +275,7 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
         log.info("saved %s", job["out"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, history, student, opt, engine, primary: bool) -> None:
+def save_checkpoint(ckpt_dir: Path, step: int, history, student, opt, engine, primary: bool, scaler=None) -> None:
     import torch
 
     name = f"checkpoint-{step}"
@@ -270,7 +288,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, history, student, opt, engine, pr
         trainable = {k: v for k, v in student.state_dict().items()
                      if dict(student.named_parameters()).get(k) is not None
                      and dict(student.named_parameters())[k].requires_grad}
-        torch.save({"trainable": trainable, "optimizer": opt.state_dict()}, folder / "state.pt")
+        torch.save({"trainable": trainable, "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None},
+                   folder / "state.pt")
     if primary:
         write_json(folder / "trainer_state.json", {"global_step": step, "log_history": history})  # last
         for old in ckpt_dir.glob("checkpoint-*"):

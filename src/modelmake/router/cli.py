@@ -24,7 +24,7 @@ def cmd_train(a) -> None:
     from modelmake.router.train import train_router
 
     train_router(a.train, a.eval, a.base, a.out, a.ckpt_dir, settings=json.loads(a.settings),
-                 deepspeed=a.deepspeed or None, seed=a.seed, config=json.loads(a.config))
+                 scale=json.loads(a.scale), seed=a.seed, config=json.loads(a.config))
 
 
 def cmd_consolidate(a) -> None:
@@ -125,15 +125,16 @@ def add_commands(sub) -> None:
     p.add_argument("--config", default="{}")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("router-train", help="SFT a router (TRL; DeepSpeed ZeRO-3 when --deepspeed is given)")
+    p = sub.add_parser("router-train", help="SFT a router (TRL; DeepSpeed ZeRO-3 when --scale names a config)")
     p.add_argument("--train", required=True)
     p.add_argument("--eval", required=True)
     p.add_argument("--base", required=True, help="the base model folder")
-    p.add_argument("--out", required=True, help="ZeRO-3 checkpoint folder (with --deepspeed) or model folder")
+    p.add_argument("--out", required=True, help="ZeRO-3 checkpoint folder (with deepspeed) or model folder")
     p.add_argument("--ckpt-dir", required=True, help="Trainer checkpoints, kept for resuming")
     p.add_argument("--settings", default="{}",
                    help="JSON of router.train settings (the schema's defaults fill the rest)")
-    p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config; empty for plain training")
+    p.add_argument("--scale", default="{}", help="JSON of router.scale (modelmake.launch): precision, deepspeed, "
+                   "gradient_checkpointing, lora, gpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="{}")
     p.set_defaults(func=cmd_train)

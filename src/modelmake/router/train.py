@@ -16,19 +16,20 @@ Fixes against the original script:
   complete one; after a config or data change it starts afresh (``training.prepare_checkpoint_dir``:
   rank 0 clears and marks the folder, the other ranks wait for the mark).
 
-DeepSpeed ZeRO-3 runs from a JSON config (``config/router/zero3.json`` on CPU,
-``zero3_offload.json`` with CPU offload on GPUs). DeepSpeed needs a process group even for one
-process: ``ensure_process_group_env`` sets the env of a single-process world (gloo on CPU) when no
-launcher did. The output is the final ZeRO-3 checkpoint (``global_stepN/`` shards, ``latest``)
-plus the model config, tokenizer and ``router.json``: ``consolidate`` turns it into one model
-folder. Without DeepSpeed the output is already a model folder.
+How the job scales comes from ``router.scale`` (:mod:`modelmake.launch`, as in every pipeline):
+processes and nodes (torchrun), GPUs, precision, gradient checkpointing, LoRA (adapters on the
+base, the label tokens' embedding rows trained in full, merged into the model folder) and
+DeepSpeed. DeepSpeed ZeRO-3 runs from a JSON config (``config/router/zero3.json`` on CPU,
+``zero3_offload.json`` with CPU offload on GPUs); its output is the final ZeRO-3 checkpoint
+(``global_stepN/`` shards, ``latest``) plus the model config, tokenizer and ``router.json``:
+``consolidate`` turns it into one model folder. Without DeepSpeed the output is already a model
+folder, written by rank 0.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,47 +38,20 @@ from modelmake.chat import assistant_mask, is_special
 from modelmake.config import fill_defaults
 from modelmake.errors import UserError
 from modelmake.files import write_json
-from modelmake.procs import free_port
 from modelmake.router.tokens import LABEL_TOKENS, ROUTER_JSON, add_label_tokens
 
 log = logging.getLogger(__name__)
 
 DIGEST = "weights_digest.json"  # in a ZeRO-3 output: hashes of the gathered trained weights
 
-# router.train keys that shape the job (launcher, GPUs, DeepSpeed), passed apart from the settings
-JOB_KEYS = ("deepspeed", "processes", "gpu")
+# router.train keys of old configs that now live in router.scale (config.py maps them)
+OLD_SCALE_KEYS = ("deepspeed", "processes", "gpu", "bf16", "gradient_checkpointing")
 
 
 def train_settings(given: dict) -> dict:
-    """The training settings: ``given`` filled with the schema's router.train defaults (the keys of
-    JOB_KEYS left out). TRL's SFTConfig turns gradient checkpointing on by default; the schema's
-    default keeps it off (a second forward per step, worth it only for a large base model on GPU)."""
-    return {k: v for k, v in fill_defaults("router.train", given).items() if k in given or k not in JOB_KEYS}
-
-
-def ensure_process_group_env() -> None:
-    """A one-process world for torch.distributed when no launcher (deepspeed, torchrun) set one."""
-    if "WORLD_SIZE" in os.environ:
-        return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
-
-
-def deepspeed_cpu_state() -> None:
-    """Set up accelerate's process state for DeepSpeed over gloo on CPU, before the Trainer's args.
-
-    Left to itself, accelerate finds no accelerator on CPU, keeps no backend and then counts one
-    process whatever the world size: with two processes the Trainer sizes DeepSpeed's batch for one
-    and DeepSpeed refuses it (train_batch_size 4 != 4 * 1 * 2). Naming the backend here gives the
-    state the real world size; the args then take it (``use_configured_state``).
-    """
-    from accelerate import PartialState
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    try:
-        PartialState(backend="gloo")
-    finally:
-        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    """The training settings: ``given`` filled with the schema's router.train defaults (the old
+    scale keys, now ``router.scale``'s, left out)."""
+    return {k: v for k, v in fill_defaults("router.train", given).items() if k not in OLD_SCALE_KEYS}
 
 
 def answer_tokens(tokenizer: Any, conversation: list[dict], label_ids: list[int] | None = None,
@@ -130,28 +104,31 @@ def train_router(
     ckpt_dir: str | Path,
     *,
     settings: dict,
-    deepspeed: str | Path | None,
+    scale: dict | None = None,
     seed: int,
     config: dict,
 ) -> dict:
     """SFT the base model into a router; write ``out`` (a ZeRO-3 checkpoint folder with DeepSpeed,
-    else a model folder), a loss curve and provenance; return the final metrics."""
+    else a model folder), a loss curve and provenance; return the final metrics. ``scale``:
+    ``router.scale`` (:func:`modelmake.launch.scale_settings` fills the defaults)."""
     import pandas as pd
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from modelmake import launch
     from modelmake.training import (
         checkpoint_key, plot_loss_curves, prepare_checkpoint_dir, save_model_folder, seed_everything,
     )
 
     started = time.time()
     s = train_settings(settings)
-    deepspeed_on_cpu = deepspeed is not None and not torch.cuda.is_available()
-    if deepspeed is not None:
-        ensure_process_group_env()
-    if deepspeed_on_cpu:
-        deepspeed_cpu_state()
+    sc = launch.scale_settings(scale, "router.scale")
+    problems = launch.scale_problems(sc, "router.scale", lora_with_deepspeed=False)
+    if problems:
+        raise UserError("; ".join(problems))
+    deepspeed = sc["deepspeed"]
+    scale_args = launch.trainer_args(sc)  # before the args and the model: DeepSpeed's process state
     seed_everything(seed)
     train_df = pd.read_parquet(train_parquet, columns=["messages", "system"])
     eval_df = pd.read_parquet(eval_parquet, columns=["messages"])
@@ -161,7 +138,7 @@ def train_router(
 
     ckpt_dir = Path(ckpt_dir)
     inputs = [train_parquet, eval_parquet, base_model]
-    recipe = {"settings": s, "seed": seed, "config": config, "deepspeed": deepspeed is not None}
+    recipe = {"settings": s, "seed": seed, "config": config, "scale": launch.recipe(sc)}
     key = checkpoint_key(recipe, [*inputs, *([deepspeed] if deepspeed else [])])  # DeepSpeed config by content
     resume = prepare_checkpoint_dir(ckpt_dir, key)
     args = SFTConfig(  # built before the model: with ZeRO-3 it makes from_pretrained shard the weights
@@ -177,8 +154,6 @@ def train_router(
         max_length=s["max_length"],
         assistant_only_loss=False,  # the examples come tokenized, with their own assistant_masks
         packing=False,
-        bf16=s["bf16"],
-        gradient_checkpointing=s["gradient_checkpointing"],
         logging_steps=s["logging_steps"],
         eval_strategy="epoch",
         save_strategy="steps",
@@ -189,11 +164,8 @@ def train_router(
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
-        deepspeed=str(deepspeed) if deepspeed is not None else None,
-        # plain: CPU unless a GPU is there; DeepSpeed on CPU: its CPU accelerator and a gloo group
-        use_cpu=deepspeed is None and not torch.cuda.is_available(),
-        accelerator_config={"use_configured_state": True} if deepspeed_on_cpu else None,
         disable_tqdm=True,
+        **scale_args,  # precision, devices, DeepSpeed, gradient checkpointing (TRL's default: on)
     )
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
@@ -202,6 +174,7 @@ def train_router(
     eval_ds = sft_dataset(tokenizer, eval_convs, s["max_length"], str(eval_parquet))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model = launch.apply_lora(model, sc["lora"], trainable_tokens=label_ids)
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
@@ -217,13 +190,16 @@ def train_router(
     counts = {"train": len(train_ds), "eval": len(eval_ds), **metrics}
     out = Path(out)
     if deepspeed is None:
-        save_model_folder(out, trainer.model, tokenizer, config=config, inputs=inputs, counts=counts,
+        if not trainer.is_world_process_zero():
+            return metrics  # rank 0 writes the model folder
+        save_model_folder(out, launch.merged(trainer.model), tokenizer, config=config, inputs=inputs, counts=counts,
                           started=started, extra={ROUTER_JSON: router_json, "metrics.json": metrics},
                           write=lambda tmp: plot_loss_curves(history, tmp / "loss.png", title="router SFT"))
     else:
         save_zero_checkpoint(trainer, tokenizer, out, router_json=router_json, metrics=metrics, history=history,
                              config=config, inputs=inputs, counts=counts, started=started)
-    write_json(ckpt_dir / "log_history.json", history)
+    if trainer.is_world_process_zero():
+        write_json(ckpt_dir / "log_history.json", history)
     log.info("router trained: %s", json.dumps(metrics))
     return metrics
 

@@ -37,7 +37,7 @@ def cmd_train(a) -> None:
     from modelmake.selfplay.train import train_iteration
 
     train_iteration(a.dataset, a.start, a.out, ckpt_dir=a.ckpt, settings=json.loads(a.settings), seed=a.seed,
-                    loss_png=a.loss_plot, config=json.loads(a.config))
+                    loss_png=a.loss_plot, config=json.loads(a.config), scale=json.loads(a.scale))
 
 
 def cmd_eval(a) -> None:
@@ -83,6 +83,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--ckpt", required=True, help="checkpoint folder that survives a killed run")
     p.add_argument("--settings", required=True, help="JSON of the training settings")
+    p.add_argument("--scale", default="{}", help="JSON of selfplay.scale (modelmake.launch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss-plot", required=True)
     p.add_argument("--config", default="{}")

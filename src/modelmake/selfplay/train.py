@@ -9,12 +9,18 @@ setting that turns that estimate off; the loss it would compute is never called.
 
 The KTO dataset keeps each id's real and generated answers next to each other in a seeded order
 (:func:`.data.to_kto`) and the trainer reads it sequentially, so every even batch holds as many
-real as generated answers: both risks are estimated on every step.
+real as generated answers: both risks are estimated on every step. On several processes each reads
+whole batches in turn (accelerate's batch sharding), so that still holds per process.
+
+How it scales (processes, GPUs, precision, DeepSpeed ZeRO-1/2, gradient checkpointing, LoRA merged
+into the model folder) comes from ``selfplay.scale`` (:mod:`modelmake.launch`); rank 0 writes the
+model folder.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -92,7 +98,8 @@ def nnpu_kto_trainer(*args, **kwargs):
 
 
 def train_iteration(dataset: str | Path, start_model: str | Path, out: str | Path, *, ckpt_dir: str | Path,
-                    settings: dict, seed: int, loss_png: str | Path, config: dict | None = None) -> dict:
+                    settings: dict, seed: int, loss_png: str | Path, config: dict | None = None,
+                    scale: dict | None = None) -> dict:
     """Train the iteration's model from ``start_model`` (also the reference) on the KTO parquet.
 
     Checkpoints go to ``ckpt_dir`` (not a declared output: it survives a killed job); a rerun with
@@ -105,12 +112,15 @@ def train_iteration(dataset: str | Path, start_model: str | Path, out: str | Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig
 
-    from modelmake.training import (
-        checkpoint_key, plot_loss_curves, prepare_checkpoint_dir, save_model_folder, seed_everything,
-    )
+    from modelmake import launch, training
+    from modelmake.training import checkpoint_key, plot_loss_curves, prepare_checkpoint_dir, seed_everything
 
     started = time.time()
     s = train_settings(settings)
+    sc = launch.scale_settings(scale, "selfplay.scale")
+    problems = launch.scale_problems(sc, "selfplay.scale", zero3=False)
+    if problems:
+        raise UserError("; ".join(problems))
     if not Path(start_model, "config.json").exists():
         raise UserError(f"{start_model}: not a model folder (no config.json); build it first")
     ds = datasets.load_dataset("parquet", data_files=str(dataset), split="train")
@@ -119,16 +129,19 @@ def train_iteration(dataset: str | Path, start_model: str | Path, out: str | Pat
     ds = ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "completion", "label")])
 
     ckpt_dir = Path(ckpt_dir)
-    key = checkpoint_key({"settings": s, "seed": seed}, [dataset, start_model])
+    key = checkpoint_key({"settings": s, "seed": seed, "scale": launch.recipe(sc)},
+                         [dataset, start_model, *([sc["deepspeed"]] if sc["deepspeed"] else [])])
+    scale_args = launch.trainer_args(sc)  # before the model: DeepSpeed's process state
     resume = prepare_checkpoint_dir(ckpt_dir, key)
 
     seed_everything(seed)
     tok = AutoTokenizer.from_pretrained(start_model)
     model = AutoModelForCausalLM.from_pretrained(start_model, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(start_model, dtype=torch.float32)
+    model = launch.apply_lora(model, sc["lora"])
     args = KTOConfig(
-        output_dir=str(ckpt_dir), seed=seed, data_seed=seed, use_cpu=True, bf16=False, fp16=False,
-        gradient_checkpointing=False, beta=s["beta"], loss_type="apo_zero_unpaired",
+        output_dir=str(ckpt_dir), seed=seed, data_seed=seed, **scale_args, beta=s["beta"],
+        loss_type="apo_zero_unpaired",
         desirable_weight=s["desirable_weight"], undesirable_weight=s["undesirable_weight"],
         learning_rate=s["learning_rate"], num_train_epochs=s["epochs"], lr_scheduler_type="constant",
         per_device_train_batch_size=s["batch_size"], train_sampling_strategy="sequential",
@@ -140,15 +153,19 @@ def train_iteration(dataset: str | Path, start_model: str | Path, out: str | Pat
                                prior=s["prior"], gamma=s["gamma"])
     result = trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
+    if not trainer.is_world_process_zero():
+        return {"steps": trainer.state.global_step}  # rank 0 writes the model folder
     plot_loss_curves(history, loss_png, title=f"nnPU-KTO ({Path(out).parent.name})")
     logged = [h for h in history if "loss" in h]
     counts = {"examples": len(ds), "steps": trainer.state.global_step,
+              "processes": int(os.environ.get("WORLD_SIZE", "1")),
+              "resumed_from": Path(resume).name if resume else None,
               "train_loss": result.training_loss,
               "corrective_share": (sum(h.get("corrective", 0) for h in logged) / len(logged)) if logged else None}
-    model = trainer.model
-    save_model_folder(out, model, tok, config=config or {"train": s, "seed": seed},
-                      inputs=[dataset, start_model], counts=counts, started=started,
-                      extra={"log_history.json": history})
+    training.save_model_folder(out, launch.merged(trainer.model), tok,
+                               config=config or {"train": s, "seed": seed, "scale": sc},
+                               inputs=[dataset, start_model], counts=counts, started=started,
+                               extra={"log_history.json": history})
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # done: a later rerun must not resume from these
     log.info("trained %s: %s", out, counts)
     return counts
