@@ -13,8 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import REPO, run_snakemake, small_config, write_config
 from modelmake.errors import RecordError
 from modelmake.records import SUPPORTED, read_records, source_problem
+from modelmake.reformat import reformat_files
 
 RECORDS = [
     {"id": "a", "text": "héllo 月亮", "n": 1, "messages": [{"role": "user", "content": "q"}], "tags": ["x", "y"]},
@@ -263,3 +265,40 @@ def test_an_unreachable_hub_says_the_hub_is_needed(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     with pytest.raises(RecordError, match="ConnectionError.*needs the hub to be reachable"):
         list(read_records("hf://owner/name"))
+
+
+# --- through the workflow --------------------------------------------------------------------------
+
+
+def test_the_workflow_reads_a_gz_shard_a_datasets_folder_and_a_mapped_parquet(tmp_path):
+    """Real Snakemake on the data rules only (no model): a BOM-prefixed .jsonl.gz and a datasets folder
+    as reformat inputs (the folder is a rule input like a file), arena pairs in parquet whose language
+    column is called lang; the folder gives what the same records as jsonl give, and a rerun has
+    nothing to do."""
+    import datasets
+
+    en = (REPO / "resources/demo/chat_en.jsonl").read_bytes()
+    (tmp_path / "chat_en.jsonl.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + en))
+    zh = REPO / "resources/demo/chat_zh.jsonl"
+    datasets.Dataset.from_list([json.loads(x) for x in zh.read_text().splitlines() if x.strip()]).save_to_disk(
+        str(tmp_path / "zh_saved"))
+    pairs = [json.loads(x) for x in (REPO / "resources/demo/arena/labelled.jsonl").read_text().splitlines() if x.strip()]
+    renamed = [{("lang" if k == "language" else k): v for k, v in r.items()} for r in pairs]
+    pq.write_table(pa.Table.from_pylist(renamed), tmp_path / "pairs.parquet")
+    c = small_config(tmp_path)
+    c["datasets"]["chat_en"]["splits"]["train"] = [str(tmp_path / "chat_en.jsonl.gz")]
+    c["datasets"]["chat_zh"]["splits"]["train"] = [str(tmp_path / "zh_saved")]
+    c["arena"]["labelled"] = [str(tmp_path / "pairs.parquet")]
+    c["arena"]["fields"] = {"language": "lang"}
+    write_config(tmp_path, c)
+    data = tmp_path / "results" / "data"
+    targets = [str(data / d / "reformatted" / "train.parquet") for d in ("chat_en", "chat_zh")]
+    targets.append(str(tmp_path / "results" / "arena" / "demo" / "data" / "labelled.parquet"))
+
+    run_snakemake(tmp_path, *targets)
+
+    assert json.loads((data / "chat_en" / "reformatted" / "train.stats.json").read_text())["written"] == 200
+    reformat_files([zh], tmp_path / "zh_from_jsonl.parquet")
+    assert pq.read_table(targets[1]).to_pylist() == pq.read_table(tmp_path / "zh_from_jsonl.parquet").to_pylist()
+    assert set(pq.read_table(targets[2]).column("language").to_pylist()) == {"en", "zh"}
+    assert "Nothing to be done" in run_snakemake(tmp_path, "-n", *targets).stdout

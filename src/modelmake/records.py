@@ -59,13 +59,18 @@ SUPPORTED = (", ".join(sorted(SUFFIXES)) + ", a folder saved by datasets' save_t
 
 class Where(str):
     """Where a record is, as text (``file:line`` or ``file:row N``), with its parts: ``file``,
-    ``line`` or ``row`` (the other is None), and ``raw``, the line as read for line formats (for a
-    rejects file; None for tables)."""
+    ``line`` or ``row`` (the other is None), and :attr:`raw`."""
 
-    def __new__(cls, file: str, *, line: int | None = None, row: int | None = None, raw: str | None = None):
+    def __new__(cls, file: str, *, line: int | None = None, row: int | None = None, raw: bytes | None = None):
         self = super().__new__(cls, f"{file}:{line}" if line is not None else f"{file}:row {row}")
-        self.file, self.line, self.row, self.raw = file, line, row, raw
+        self.file, self.line, self.row, self._raw = file, line, row, raw
         return self
+
+    @property
+    def raw(self) -> str | None:
+        """The line as read, for a rejects file (line formats; None for tables). Keep ``str(where)``,
+        not the Where, to remember a place without its line."""
+        return None if self._raw is None else self._raw.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
 @dataclass
@@ -258,7 +263,7 @@ def _jsonl(path: str, compression: str | None) -> Iterator[tuple[Where, Any]]:
     for n, raw in _lines(path, compression):
         if not raw.strip():
             continue
-        where = Where(path, line=n, raw=raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+        where = Where(path, line=n, raw=raw)
         try:
             yield where, _object(_decode(raw, n == 1))
         except _Bad as e:

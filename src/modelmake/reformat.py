@@ -181,7 +181,7 @@ def reformat_files(
                 raw = where.raw if where.raw is not None else json.dumps(record, ensure_ascii=False, default=str)
                 reject(where, e.kind, str(e), raw)
                 continue
-            ids[rid] = where
+            ids[rid] = str(where)  # the place, without the line it holds
             rows.append({"id": rid, "messages": messages})
 
     stats.written = len(rows)
