@@ -172,8 +172,8 @@ def read_records(
         except _Bad as e:
             problem = Problem(where, e.kind, e.reason)
             if on_bad is None:
-                raise RecordError(f"bad record in {where}: {e.reason}. "
-                                  f"Fix the {'line' if where.line is not None else 'record'}.") from None
+                fix = "" if e.kind == "missing field" else f" Fix the {'line' if where.line is not None else 'record'}."
+                raise RecordError(f"bad record in {where}: {e.reason}.{fix}") from None
             on_bad(problem)
             continue
         yield where, rec
@@ -182,7 +182,7 @@ def read_records(
 def _missing(canon: str, rec: dict, fields: Mapping[str, str], config_key: str | Mapping[str, str]) -> str:
     key = config_key.get(canon, "fields") if isinstance(config_key, Mapping) else f"{config_key}.{canon}"
     has = ", ".join(map(str, list(rec)[:12])) + (", ..." if len(rec) > 12 else "") or "none"
-    if canon in fields:
+    if fields.get(canon, canon) != canon:
         return (f"no field {fields[canon]!r}, which {key} names for {canon!r} (its fields: {has}); set {key} "
                 "to the field that holds it")
     return f"no field {canon!r} (its fields: {has}); if another field holds it, set {key} to its name"
