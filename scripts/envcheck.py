@@ -4,6 +4,7 @@
   python scripts/envcheck.py imports            # each rule's env file declares what its command imports
   python scripts/envcheck.py resolve [FILE...]  # pins resolve for the GPU nodes, on the package index
   python scripts/envcheck.py roles              # write envs/serve.yaml, envs/train.yaml from the lock
+  python scripts/envcheck.py installed [LOCK]   # this environment is the lock (after setup.sh --gpu)
 
 **imports** (no network): every rule with a ``conda:`` directive runs ``python -m modelmake
 <command>``. The command's code is walked with ``ast``, transitively within modelmake: the CLI
@@ -29,6 +30,10 @@ mismatch, a kernel built for another GPU), the NVIDIA driver (CUDA 13 wheels nee
 an sdist's build-time requirements or requirements its setup.py adds at build time (deepspeed,
 connection_pool are sdists), nor anything not declared in metadata. Exceptions
 are written in the lock as ``# override: DIST: REQUIREMENT-NAME -- reason`` and accepted exactly.
+
+**installed** checks the running environment against a lock: every pin installed at its version
+and every installed pin's requirements held (the overrides excepted): ``scripts/setup.sh --gpu``
+runs it after installing with --no-deps.
 
 **roles** writes each env file named by a rule: the packages its rules import or run and everything
 they require, at the lock's versions (the closure within the lock), so each is exact and complete.
@@ -471,6 +476,21 @@ class Target:
 TARGET = Target()
 
 
+class Here(Target):
+    """The running interpreter, for checking an installed environment."""
+
+    def __init__(self):
+        super().__init__(python=sys.version_info[:2])
+
+    def environment(self, extra: str = "") -> dict[str, str]:
+        from packaging.markers import default_environment
+
+        return {**default_environment(), "extra": extra}
+
+    def __str__(self) -> str:
+        return f"this Python ({sys.executable})"
+
+
 class IndexUnreachable(Exception):
     pass
 
@@ -516,10 +536,16 @@ class Dist:
     problem: str | None = None
 
 
+@functools.lru_cache(maxsize=None)
+def project_page(name: str) -> dict:
+    """The index's page of a project (PEP 691 JSON), read once a run."""
+    return json.loads(fetch(f"{INDEX}/{name}/", "application/vnd.pypi.simple.v1+json"))
+
+
 def release(pin: Pin, target: Target) -> Dist:
     d = Dist(pin)
     try:
-        page = json.loads(fetch(f"{INDEX}/{pin.key}/", "application/vnd.pypi.simple.v1+json"))
+        page = project_page(pin.key)
     except urllib.error.HTTPError as e:
         d.problem = f"{pin.where()}: {pin.name} is not on the index ({e.code})"
         return d
@@ -528,6 +554,8 @@ def release(pin: Pin, target: Target) -> Dist:
     wheels, sdists = [], []
     for f in page["files"]:
         name = f["filename"]
+        if str(want) not in name and pin.version not in name:  # cheap: most files are other versions
+            continue
         try:
             if name.endswith(".whl"):
                 _, v, _, tags = parse_wheel_filename(name)
@@ -772,6 +800,32 @@ def _violated(dists: dict[str, Dist], dist: str, req_name: str, target: Target) 
     return False
 
 
+def check_installed(lock: Path = LOCK) -> list[str]:
+    """Problems of the running environment against a lock: a pin not installed or at another
+    version (a CPU build of torch, 2.13.0+cpu, is not 2.13.0), and what the installed packages
+    require, checked as ``resolve`` does (the lock's overrides apply). For after an install with
+    --no-deps, where pip's own check would stop at the one override."""
+    import importlib.metadata
+
+    pf = read_pins(lock)
+    _OVERRIDES[pf.path] = pf.overrides
+    installed = {}
+    for d in importlib.metadata.distributions():
+        installed.setdefault(canonicalize_name(d.metadata["Name"]), d)
+    problems, dists = [], {}
+    for key, p in pf.pins.items():
+        d = installed.get(key)
+        if d is None:
+            dists[key] = Dist(p, problem=f"{p.where()}: {p.name}=={p.version} is not installed")
+            problems.append(dists[key].problem)
+            continue
+        if d.version != p.version:
+            problems.append(f"{p.where()}: {p.name} {d.version} is installed, the lock pins {p.version}")
+        dists[key] = Dist(p, f"{p.name}-{d.version} (installed)", d.metadata.get("Requires-Python"),
+                          d.requires or [], {canonicalize_name(e) for e in d.metadata.get_all("Provides-Extra") or []})
+    return problems + closure(dists, list(dists), Here())[1]
+
+
 def write_roles(lock: Path = LOCK, target: Target = TARGET) -> list[Path]:
     """Write each env file the rules name: its rules' packages and their closure in the lock."""
     pf = read_pins(lock)
@@ -835,6 +889,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="*", type=Path,
                    default=[LOCK, REPO / "envs/serve.yaml", REPO / "envs/train.yaml"])
     sub.add_parser("roles", help="write the env files the rules name from envs/gpu.lock.txt")
+    p = sub.add_parser("installed", help="this environment holds the lock's pins, and their requirements hold")
+    p.add_argument("lock", nargs="?", type=Path, default=LOCK)
     a = ap.parse_args(argv)
     t0 = time.time()
     if a.command == "imports":
@@ -844,6 +900,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"envcheck: {why}", file=sys.stderr)
             return 3
         problems = check_resolve(a.files)
+    elif a.command == "installed":
+        problems = check_installed(a.lock)
     else:
         for env in write_roles():
             print(f"envcheck: wrote {rel(env)}")
