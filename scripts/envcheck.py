@@ -19,17 +19,18 @@ demo config and with variants that switch on conditional rules (``VARIANTS``); a
 ``rules/*.smk`` that no load shows is an error, so none escapes the check.
 
 **resolve** (reads the package index, installs nothing): for each file, every pin must have a file
-for the target (``TARGET``: CPython 3.11 on manylinux x86-64, glibc 2.31: a wheel, or an sdist the file allows),
-its ``Requires-Python`` must admit 3.11, and every requirement its metadata declares (markers
-evaluated for the target, extras followed as pip does) must name a package the same file pins, at
-a version the specifier allows. Metadata comes from the wheel's ``.metadata`` file (PEP 658, a few
-kB; else the wheel's METADATA read through HTTP range requests) or an sdist's ``PKG-INFO``, never
-the whole wheel: torch's CUDA wheel is 0.5 GB. Metadata files are cached in ~/.cache/modelmake. It is what pip's resolver checks of a set of exact pins, for another
-platform than this machine's. It cannot see: whether the wheels import or run (an ABI or symbol
-mismatch, a kernel built for another GPU), the NVIDIA driver (CUDA 13 wheels need driver >= 580),
-an sdist's build-time requirements or requirements its setup.py adds at build time (deepspeed,
-connection_pool are sdists), nor anything not declared in metadata. Exceptions
-are written in the lock as ``# override: DIST: REQUIREMENT-NAME -- reason`` and accepted exactly.
+for the target (``TARGET``: CPython 3.11 on manylinux x86-64, glibc 2.31: a wheel, or an sdist the
+file allows with a ``# sdist: DIST -- reason`` line), its ``Requires-Python`` must admit 3.11, and
+every requirement its metadata declares (markers evaluated for the target, extras followed as pip
+does) must name a package the same file pins, at a version the specifier allows: what pip's resolver
+checks of a set of exact pins, for another platform than this machine's. Metadata comes from the
+wheel's ``.metadata`` file (PEP 658, a few kB) or an sdist's ``PKG-INFO``, never the whole wheel
+(torch's CUDA wheel is 0.5 GB), and is cached in ~/.cache/modelmake. It cannot see whether the
+wheels import or run (an ABI or symbol mismatch, a kernel built for another GPU), the NVIDIA driver
+(CUDA 13 wheels need >= 580), an sdist's build-time requirements or what its setup.py adds at build
+time (deepspeed, connection_pool), nor anything metadata does not declare. A declared requirement
+the lock breaks on purpose is written in it as ``# override: DIST: REQUIREMENT-NAME -- reason`` and
+accepted exactly (an override that excuses nothing is an error too).
 
 **installed** checks the running environment against a lock: every pin installed at its version
 and every installed pin's requirements held (the overrides excepted): ``scripts/setup.sh --gpu``
@@ -56,15 +57,20 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.tags import compatible_tags, cpython_tags
-from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
-from packaging.version import Version
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+from packaging.version import InvalidVersion, Version
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -86,7 +92,9 @@ LAUNCHER_DISTS = ("torch",)
 # with each pipeline's add_commands(), then CMD's handler.
 CLI_ENTRY = ("main", "parser", "add_commands")
 # Loads of the workflow beyond the demo config, for rules only some configs define.
-VARIANTS = {"router ZeRO-3 (router_consolidate)": {"router": {"scale": {"deepspeed": "config/router/zero3.json"}}}}
+VARIANTS = {
+    "router ZeRO-3 (router_consolidate)": {"router": {"scale": {"deepspeed": "config/router/zero3.json"}}}
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,7 +153,12 @@ def read_pins(path: Path) -> PinFile:
         if m := re.fullmatch(r"-\s+python=(\S+)", stripped):
             out.python = m[1]
             continue
-        if not stripped or stripped.endswith(":") or stripped in ("- pip",) or stripped.startswith("channels"):
+        if (
+            not stripped
+            or stripped.endswith(":")
+            or stripped in ("- pip",)
+            or stripped.startswith("channels")
+        ):
             continue
         m = PIN.match(text)
         if not m:
@@ -201,7 +214,9 @@ class Walk:
 
     # --- one module
 
-    def _imports(self, mod: str, nodes) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str | None]]]:
+    def _imports(
+        self, mod: str, nodes
+    ) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str | None]]]:
         """modelmake modules, third-party (top-level name, line), and `-m` runs (module, command)."""
         inner, outer, runs = [], [], []
         package = mod if self.path(mod).name == "__init__.py" else mod.rpartition(".")[0]
@@ -224,11 +239,21 @@ class Walk:
             elif isinstance(node, (ast.List, ast.Tuple)):
                 elts = node.elts
                 for i, e in enumerate(elts[:-1]):
-                    if isinstance(e, ast.Constant) and e.value == "-m" and isinstance(elts[i + 1], ast.Constant):
+                    if (
+                        isinstance(e, ast.Constant)
+                        and e.value == "-m"
+                        and isinstance(elts[i + 1], ast.Constant)
+                    ):
                         target = elts[i + 1].value
-                        cmd = elts[i + 2].value if (
-                            len(elts) > i + 2 and isinstance(elts[i + 2], ast.Constant)
-                            and isinstance(elts[i + 2].value, str)) else None
+                        cmd = (
+                            elts[i + 2].value
+                            if (
+                                len(elts) > i + 2
+                                and isinstance(elts[i + 2], ast.Constant)
+                                and isinstance(elts[i + 2].value, str)
+                            )
+                            else None
+                        )
                         runs.append((target, cmd if target == "modelmake" else None))
                         if target.split(".")[0] != "modelmake":
                             self._classify(target, node.lineno, inner, outer)
@@ -364,9 +389,12 @@ def workflow_rules() -> list[RuleEnv]:
             path = Path(tmp) / f"{len(names)}.yaml"
             path.write_text(yaml.safe_dump(config))
             with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
-                wf = api.workflow(resource_settings=ResourceSettings(cores=1),
-                                  config_settings=ConfigSettings(configfiles=[path]),
-                                  snakefile=REPO / "Snakefile", workdir=REPO)
+                wf = api.workflow(
+                    resource_settings=ResourceSettings(cores=1),
+                    config_settings=ConfigSettings(configfiles=[path]),
+                    snakefile=REPO / "Snakefile",
+                    workdir=REPO,
+                )
                 for r in wf._workflow.rules:
                     names.add(r.name)
                     if r.conda_env and r.name not in found:
@@ -374,12 +402,16 @@ def workflow_rules() -> list[RuleEnv]:
                         found[r.name] = RuleEnv(r.name, env, r.shellcmd or "", rel(Path(r.snakefile)))
     written = set()
     for smk in sorted((REPO / "rules").rglob("*.smk")):
-        for m in re.finditer(r"^\s*(?:rule\s+(\w+)\s*:|use rule \w+ from \w+ as (\w+))", smk.read_text(), re.M):
+        for m in re.finditer(
+            r"^\s*(?:rule\s+(\w+)\s*:|use rule \w+ from \w+ as (\w+))", smk.read_text(), re.M
+        ):
             written.add(m[1] or m[2])
     missing = sorted(written - names - {"generate"})  # generate: the module rule, used under other names
     if missing:
-        raise SystemExit(f"envcheck: rules {missing} are in rules/*.smk but in no load of the workflow; "
-                         "add a config that defines them to VARIANTS in scripts/envcheck.py")
+        raise SystemExit(
+            f"envcheck: rules {missing} are in rules/*.smk but in no load of the workflow; "
+            "add a config that defines them to VARIANTS in scripts/envcheck.py"
+        )
     return sorted(found.values(), key=lambda r: r.rule)
 
 
@@ -392,8 +424,10 @@ def merge(base: dict, over: dict) -> dict:
 def rule_needs(rule: RuleEnv, walk: Walk) -> list[Need]:
     commands = re.findall(r"-m modelmake ([a-z][a-z0-9-]*)", rule.shell)
     if not commands:
-        raise SystemExit(f"envcheck: rule {rule.rule} ({rule.source}) names an environment but runs no "
-                         f"`python -m modelmake COMMAND`: {rule.shell[:200]!r}")
+        raise SystemExit(
+            f"envcheck: rule {rule.rule} ({rule.source}) names an environment but runs no "
+            f"`python -m modelmake COMMAND`: {rule.shell[:200]!r}"
+        )
     needs = []
     for c in dict.fromkeys(commands):
         needs += walk.command_needs(c)
@@ -418,8 +452,10 @@ def check_imports(rules: list[RuleEnv] | None = None) -> list[str]:
             if not any(canonicalize_name(d) in pinned for d in need.dist):
                 missing.setdefault(need.dist, need.why)
         for dist, why in missing.items():
-            problems.append(f"rule {r.rule} ({r.source}) runs in {rel(r.env)}, which does not pin "
-                            f"{' or '.join(dist)}: {why}. Pin it there (python scripts/envcheck.py roles)")
+            problems.append(
+                f"rule {r.rule} ({r.source}) runs in {rel(r.env)}, which does not pin "
+                f"{' or '.join(dist)}: {why}. Pin it there (python scripts/envcheck.py roles)"
+            )
     return problems
 
 
@@ -450,10 +486,9 @@ class Target:
         legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
         return plats + [f"{legacy[m]}_{self.machine}" for m in legacy if m <= minor]
 
-    @functools.lru_cache
     def rank(self) -> dict[str, int]:
         """Each wheel tag the target installs -> its preference (0 best), as pip orders them."""
-        return {t: i for i, t in enumerate(self.tags())}
+        return _rank(self)
 
     def tags(self) -> list[str]:
         py = self.python
@@ -463,17 +498,34 @@ class Target:
 
     def environment(self, extra: str = "") -> dict[str, str]:
         v = f"{self.python[0]}.{self.python[1]}"
-        return {"implementation_name": "cpython", "implementation_version": f"{v}.0", "os_name": "posix",
-                "platform_machine": self.machine, "platform_python_implementation": "CPython",
-                "platform_release": "", "platform_system": "Linux", "platform_version": "",
-                "python_full_version": f"{v}.0", "python_version": v, "sys_platform": "linux", "extra": extra}
+        return {
+            "implementation_name": "cpython",
+            "implementation_version": f"{v}.0",
+            "os_name": "posix",
+            "platform_machine": self.machine,
+            "platform_python_implementation": "CPython",
+            "platform_release": "",
+            "platform_system": "Linux",
+            "platform_version": "",
+            "python_full_version": f"{v}.0",
+            "python_version": v,
+            "sys_platform": "linux",
+            "extra": extra,
+        }
 
     def __str__(self) -> str:
-        return (f"CPython {self.python[0]}.{self.python[1]}, manylinux x86-64 (glibc {self.glibc[0]}."
-                f"{self.glibc[1]})")
+        return (
+            f"CPython {self.python[0]}.{self.python[1]}, manylinux x86-64 (glibc {self.glibc[0]}."
+            f"{self.glibc[1]})"
+        )
 
 
 TARGET = Target()
+
+
+@functools.cache
+def _rank(target: Target) -> dict[str, int]:
+    return {t: i for i, t in enumerate(target.tags())}
 
 
 class Here(Target):
@@ -509,15 +561,20 @@ def fetch(url: str, accept: str | None = None, tries: int = 4) -> bytes:
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             if attempt == tries - 1:
                 raise IndexUnreachable(f"{url}: {e}") from e
-        time.sleep(2 ** attempt)
+        time.sleep(2**attempt)
     raise AssertionError("unreachable")
 
 
 def index_reachable(timeout: float = 15) -> str | None:
     """None when the index answers, else why not."""
     try:
-        urllib.request.urlopen(urllib.request.Request(f"{INDEX}/pip/", headers={
-            "Accept": "application/vnd.pypi.simple.v1+json", "User-Agent": "modelmake-envcheck"}), timeout=timeout)
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"{INDEX}/pip/",
+                headers={"Accept": "application/vnd.pypi.simple.v1+json", "User-Agent": "modelmake-envcheck"},
+            ),
+            timeout=timeout,
+        )
         return None
     except urllib.error.HTTPError:
         return None  # it answered
@@ -528,6 +585,7 @@ def index_reachable(timeout: float = 15) -> str | None:
 @dataclass
 class Dist:
     """One pinned release as the index has it for the target."""
+
     pin: Pin
     filename: str = ""  # the file pip would install: the best wheel for the target, else the sdist
     requires_python: str | None = None
@@ -536,7 +594,7 @@ class Dist:
     problem: str | None = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def project_page(name: str) -> dict:
     """The index's page of a project (PEP 691 JSON), read once a run."""
     return json.loads(fetch(f"{INDEX}/{name}/", "application/vnd.pypi.simple.v1+json"))
@@ -567,12 +625,15 @@ def release(pin: Pin, target: Target) -> Dist:
                 _, v = parse_sdist_filename(name)
                 if v == want:
                     sdists.append(f)
-        except Exception:  # an odd file name on the page: not one of ours
+        except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):  # not a file of ours
             continue
     if not wheels and not sdists:
         any_file = any(pin.version in f["filename"] for f in page["files"])
-        d.problem = (f"{pin.where()}: {pin.name}=={pin.version} has no wheel for {target} and no sdist"
-                     if any_file else f"{pin.where()}: {pin.name}=={pin.version} is not on the index")
+        d.problem = (
+            f"{pin.where()}: {pin.name}=={pin.version} has no wheel for {target} and no sdist"
+            if any_file
+            else f"{pin.where()}: {pin.name}=={pin.version} is not on the index"
+        )
         return d
     f = min(wheels, key=lambda w: w[0])[1] if wheels else sdists[0]
     d.filename = f["filename"]
@@ -600,8 +661,11 @@ def metadata(f: dict):
     if f["filename"].endswith(".whl"):
         try:
             raw = fetch(f["url"].split("#")[0] + ".metadata")
-        except urllib.error.HTTPError:
-            raw = wheel_metadata_by_range(f["url"].split("#")[0])
+        except urllib.error.HTTPError as e:
+            raise ValueError(
+                f"{f['filename']}: the index has no metadata file for it ({e.code}); "
+                "only downloading the wheel would tell its requirements"
+            ) from None
     else:
         raw = sdist_metadata(f)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -609,42 +673,6 @@ def metadata(f: dict):
     tmp.write_bytes(raw)
     tmp.replace(cached)
     return email.parser.BytesParser().parsebytes(raw)
-
-
-def wheel_metadata_by_range(url: str) -> bytes:
-    """A wheel's METADATA read through HTTP range requests (the zip's directory, then one entry)."""
-
-    class Ranged(io.RawIOBase):
-        def __init__(self):
-            head = urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60)
-            self.size, self.pos = int(head.headers["Content-Length"]), 0
-
-        def seekable(self):
-            return True
-
-        def readable(self):
-            return True
-
-        def seek(self, off, whence=0):
-            self.pos = {0: off, 1: self.pos + off, 2: self.size + off}[whence]
-            return self.pos
-
-        def tell(self):
-            return self.pos
-
-        def readinto(self, b):
-            n = min(len(b), self.size - self.pos)
-            if n <= 0:
-                return 0
-            req = urllib.request.Request(url, headers={"Range": f"bytes={self.pos}-{self.pos + n - 1}"})
-            data = urllib.request.urlopen(req, timeout=60).read()
-            b[: len(data)] = data
-            self.pos += len(data)
-            return len(data)
-
-    with zipfile.ZipFile(io.BufferedReader(Ranged(), buffer_size=1 << 16)) as z:
-        name = next(n for n in z.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n))
-        return z.read(name)
 
 
 def sdist_metadata(f: dict) -> bytes:
@@ -663,8 +691,13 @@ def sdist_metadata(f: dict) -> bytes:
         meta = email.parser.BytesParser().parsebytes(raw)
         requires = [n for n in names if re.fullmatch(r"[^/]+/[^/]+\.egg-info/requires\.txt", n)]
         if not meta.get_all("Requires-Dist") and requires:
-            raw = raw.rstrip(b"\n") + b"\n" + "".join(
-                f"Requires-Dist: {r}\n" for r in egg_requires(t.extractfile(requires[0]).read().decode())).encode()
+            raw = (
+                raw.rstrip(b"\n")
+                + b"\n"
+                + "".join(
+                    f"Requires-Dist: {r}\n" for r in egg_requires(t.extractfile(requires[0]).read().decode())
+                ).encode()
+            )
     return raw
 
 
@@ -705,10 +738,17 @@ def closure(dists: dict[str, Dist], roots: list[str], target: Target) -> tuple[s
         if extra and extra not in d.extras:
             problems.append(f"{d.pin.where()}: {d.pin.name}=={d.pin.version} has no extra [{extra}]")
             continue
-        if not extra and d.requires_python and not SpecifierSet(d.requires_python).contains(
-                target.environment()["python_full_version"], prereleases=True):
-            problems.append(f"{d.pin.where()}: {d.pin.name}=={d.pin.version} requires Python "
-                            f"{d.requires_python}, not {target.python[0]}.{target.python[1]}")
+        if (
+            not extra
+            and d.requires_python
+            and not SpecifierSet(d.requires_python).contains(
+                target.environment()["python_full_version"], prereleases=True
+            )
+        ):
+            problems.append(
+                f"{d.pin.where()}: {d.pin.name}=={d.pin.version} requires Python "
+                f"{d.requires_python}, not {target.python[0]}.{target.python[1]}"
+            )
         for text in d.requires:
             try:
                 req = Requirement(text)
@@ -723,13 +763,17 @@ def closure(dists: dict[str, Dist], roots: list[str], target: Target) -> tuple[s
             override = d.pin.file and overrides_of(d).get((key, dep))
             if dep not in dists:
                 if not override:
-                    problems.append(f"{d.pin.where()}: {d.pin.name}=={d.pin.version} requires {req} "
-                                    f"(for {target}), which {rel(d.pin.file)} does not pin")
+                    problems.append(
+                        f"{d.pin.where()}: {d.pin.name}=={d.pin.version} requires {req} "
+                        f"(for {target}), which {rel(d.pin.file)} does not pin"
+                    )
                 continue
             have = dists[dep].pin
             if not req.specifier.contains(have.version, prereleases=True) and not override:
-                problems.append(f"{d.pin.where()}: {d.pin.name}=={d.pin.version} requires {req}, but "
-                                f"{rel(have.file)} pins {have.name}=={have.version} (line {have.line})")
+                problems.append(
+                    f"{d.pin.where()}: {d.pin.name}=={d.pin.version} requires {req}, but "
+                    f"{rel(have.file)} pins {have.name}=={have.version} (line {have.line})"
+                )
             todo.append((dep, ""))
             for e in req.extras:
                 todo.append((dep, canonicalize_name(e)))
@@ -760,24 +804,37 @@ def check_resolve(files: list[Path], target: Target = TARGET) -> list[str]:
         dists = {}
         for key, p in pf.pins.items():
             src = by_pin[(key, p.version)]
-            dists[key] = Dist(p, src.filename, src.requires_python, src.requires, src.extras,
-                              src.problem.replace(src.pin.where(), p.where()) if src.problem else None)
+            dists[key] = Dist(
+                p,
+                src.filename,
+                src.requires_python,
+                src.requires,
+                src.extras,
+                src.problem.replace(src.pin.where(), p.where()) if src.problem else None,
+            )
             if dists[key].problem:
                 problems.append(dists[key].problem)
             elif not src.filename.endswith(".whl") and key not in allowed_sdists(pf):
-                problems.append(f"{p.where()}: {p.name}=={p.version} has no wheel for {target}: pip would build "
-                                f"{src.filename} on the node. Pin a version with a wheel, or allow the build "
-                                f"with a line `# sdist: {p.name} -- why` in {rel(pf.path)}")
+                problems.append(
+                    f"{p.where()}: {p.name}=={p.version} has no wheel for {target}: pip would build "
+                    f"{src.filename} on the node. Pin a version with a wheel, or allow the build "
+                    f"with a line `# sdist: {p.name} -- why` in {rel(pf.path)}"
+                )
         for name in pf.sdists:
             if name not in pf.pins or dists[name].filename.endswith(".whl"):
-                problems.append(f"{rel(pf.path)}: `# sdist: {name}` allows a build that does not happen; remove it")
-        reached, found = closure(dists, list(pf.pins), target)
-        problems += found
-        for (dist, req), _ in pf.overrides.items():  # one that excuses nothing is stale
+                problems.append(
+                    f"{rel(pf.path)}: `# sdist: {name}` allows a build that does not happen; remove it"
+                )
+        problems += closure(dists, list(pf.pins), target)[1]
+        for dist, req in pf.overrides:  # one that excuses nothing is stale
             if dist not in pf.pins:
-                problems.append(f"{rel(pf.path)}: the override for {dist} names a package the file does not pin")
+                problems.append(
+                    f"{rel(pf.path)}: the override for {dist} names a package the file does not pin"
+                )
             elif not _violated(dists, dist, req, target):
-                problems.append(f"{rel(pf.path)}: the override `{dist}: {req}` is no longer needed; remove it")
+                problems.append(
+                    f"{rel(pf.path)}: the override `{dist}: {req}` is no longer needed; remove it"
+                )
     return problems
 
 
@@ -821,8 +878,13 @@ def check_installed(lock: Path = LOCK) -> list[str]:
             continue
         if d.version != p.version:
             problems.append(f"{p.where()}: {p.name} {d.version} is installed, the lock pins {p.version}")
-        dists[key] = Dist(p, f"{p.name}-{d.version} (installed)", d.metadata.get("Requires-Python"),
-                          d.requires or [], {canonicalize_name(e) for e in d.metadata.get_all("Provides-Extra") or []})
+        dists[key] = Dist(
+            p,
+            f"{p.name}-{d.version} (installed)",
+            d.metadata.get("Requires-Python"),
+            d.requires or [],
+            {canonicalize_name(e) for e in d.metadata.get_all("Provides-Extra") or []},
+        )
     return problems + closure(dists, list(dists), Here())[1]
 
 
@@ -836,8 +898,9 @@ def write_roles(lock: Path = LOCK, target: Target = TARGET) -> list[Path]:
     written = []
     for env, needs in sorted(roots.items()):
         missing = [d for d in needs if d not in pf.pins]
-        problems += [f"{rel(env)}: its rules need {d} ({needs[d][0]}), which {rel(lock)} does not pin"
-                     for d in missing]
+        problems += [
+            f"{rel(env)}: its rules need {d} ({needs[d][0]}), which {rel(lock)} does not pin" for d in missing
+        ]
         if missing or problems:
             continue
         reached, found = closure(dists, sorted(needs), target)
@@ -850,7 +913,7 @@ def write_roles(lock: Path = LOCK, target: Target = TARGET) -> list[Path]:
         direct = ", ".join(pf.pins[d].name for d in sorted(needs))
         lines = header + [
             f"# Generated by `python scripts/envcheck.py roles` from {rel(lock)}: what these rules import or",
-            f"# run, and all they require, at the lock's versions. Direct:",
+            "# run, and all they require, at the lock's versions. Direct:",
             *wrap(direct, "#   "),
             "channels: [conda-forge]",
             "dependencies:",
@@ -886,10 +949,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("imports", help="each rule's env file pins what its command imports or runs")
     p = sub.add_parser("resolve", help="pins resolve for the target on the index (no install)")
-    p.add_argument("files", nargs="*", type=Path,
-                   default=[LOCK, REPO / "envs/serve.yaml", REPO / "envs/train.yaml"])
+    p.add_argument(
+        "files", nargs="*", type=Path, default=[LOCK, REPO / "envs/serve.yaml", REPO / "envs/train.yaml"]
+    )
     sub.add_parser("roles", help="write the env files the rules name from envs/gpu.lock.txt")
-    p = sub.add_parser("installed", help="this environment holds the lock's pins, and their requirements hold")
+    p = sub.add_parser(
+        "installed", help="this environment holds the lock's pins, and their requirements hold"
+    )
     p.add_argument("lock", nargs="?", type=Path, default=LOCK)
     a = ap.parse_args(argv)
     t0 = time.time()

