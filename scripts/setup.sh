@@ -9,7 +9,7 @@
 # changed since the last successful run. Needs Python 3.11 (python3.11 or python3) with venv.
 # CPU: torch 2.13.0+cpu comes from PyPI or the local wheel cache, never a CUDA build (the lock pins
 # everything and installs with --no-deps). GPU: Linux x86-64 with glibc >= 2.31 and network to PyPI
-# (about 6 GB of wheels; DeepSpeed is built from its sdist); it installs on a login node without a
+# (4.1 GB of wheels to download; DeepSpeed is built from its sdist); it installs on a login node without a
 # GPU too, and running needs an NVIDIA driver >= 580 (CUDA 13) where the jobs run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
