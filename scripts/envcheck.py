@@ -273,12 +273,12 @@ class Walk:
 
     @staticmethod
     def _functions(tree: ast.Module, wanted: set[str]) -> list[ast.AST]:
-        """The module's top-level statements (not function bodies) and the bodies of the wanted
-        functions and of the module functions they call, transitively."""
+        """The module's top-level statements and classes (not its functions' bodies) and the bodies
+        of the wanted functions and of the module functions they call, transitively."""
         defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
         nodes = []
         for stmt in tree.body:
-            if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 nodes.extend(ast.walk(stmt))
         todo, seen = [w for w in wanted if w in defs], set()
         while todo:
@@ -338,6 +338,7 @@ class Walk:
         return needs
 
 
+@functools.cache
 def command_handlers() -> dict[str, tuple[str, str]]:
     """``modelmake`` command -> (module, function) of its handler, from the real parser."""
     sys.path.insert(0, str(SRC))
@@ -363,14 +364,14 @@ def pipeline_clis() -> list[str]:
 @dataclass
 class RuleEnv:
     rule: str
-    env: Path  # the env file, absolute
+    env: Path | None  # the env file its conda: directive names, absolute
     shell: str
     source: str  # rules/x.smk
 
 
 def workflow_rules() -> list[RuleEnv]:
-    """Every rule with a conda: directive, from Snakemake's API: the demo config, then each of
-    VARIANTS; fails when a rule written in rules/*.smk is in none of the loads."""
+    """Every rule with a conda: directive or a shell command, from Snakemake's API: the demo config,
+    then each of VARIANTS; fails when a rule written in rules/*.smk is in none of the loads."""
     import copy
     import tempfile
 
@@ -385,8 +386,8 @@ def workflow_rules() -> list[RuleEnv]:
     found: dict[str, RuleEnv] = {}
     names: set[str] = set()
     with tempfile.TemporaryDirectory() as tmp:
-        for label, config in configs.items():
-            path = Path(tmp) / f"{len(names)}.yaml"
+        for i, config in enumerate(configs.values()):
+            path = Path(tmp) / f"config{i}.yaml"
             path.write_text(yaml.safe_dump(config))
             with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
                 wf = api.workflow(
@@ -397,8 +398,8 @@ def workflow_rules() -> list[RuleEnv]:
                 )
                 for r in wf._workflow.rules:
                     names.add(r.name)
-                    if r.conda_env and r.name not in found:
-                        env = (Path(r.snakefile).parent / str(r.conda_env)).resolve()
+                    if (r.conda_env or r.shellcmd) and r.name not in found:
+                        env = (Path(r.snakefile).parent / str(r.conda_env)).resolve() if r.conda_env else None
                         found[r.name] = RuleEnv(r.name, env, r.shellcmd or "", rel(Path(r.snakefile)))
     written = set()
     for smk in sorted((REPO / "rules").rglob("*.smk")):
@@ -441,6 +442,12 @@ def check_imports(rules: list[RuleEnv] | None = None) -> list[str]:
     rules = workflow_rules() if rules is None else rules
     walk, problems, files = Walk(), [], {}
     for r in rules:
+        if r.env is None:
+            problems.append(
+                f"rule {r.rule} ({r.source}) has a shell command but no conda: directive; "
+                "name envs/train.yaml or envs/serve.yaml"
+            )
+            continue
         if r.env not in files:
             if not r.env.exists():
                 problems.append(f"rule {r.rule} ({r.source}): its env file {rel(r.env)} does not exist")
@@ -464,6 +471,8 @@ def role_roots(rules: list[RuleEnv] | None = None) -> dict[Path, dict[str, list[
     rules = workflow_rules() if rules is None else rules
     walk, out = Walk(), {}
     for r in rules:
+        if r.env is None:
+            continue
         roots = out.setdefault(r.env, {})
         for need in rule_needs(r, walk):
             roots.setdefault(canonicalize_name(need.dist[0]), []).append(f"{r.rule}: {need.why}")

@@ -53,6 +53,7 @@ def test_a_package_missing_from_an_env_file_fails_the_check_naming_rule_and_impo
         broken[env] = tmp_path / env.name
         broken[env].write_text(re.sub(rf"^\s+- {drop}==.*\n", "", text, flags=re.M))
     moved = [envcheck.RuleEnv(r.rule, broken[r.env], r.shell, r.source) for r in rules]
+    moved.append(envcheck.RuleEnv("new_rule", None, "python -m modelmake merge ...", "rules/new.smk"))
     problems = envcheck.check_imports(moved)
     assert any(
         p.startswith("rule generate_shard (rules/generate.smk)")
@@ -64,6 +65,7 @@ def test_a_package_missing_from_an_env_file_fails_the_check_naming_rule_and_impo
         for p in problems
     ), problems
     assert not any("build_tokenizer" in p for p in problems)  # it imports no trl
+    assert "rule new_rule (rules/new.smk) has a shell command but no conda: directive; " in "".join(problems)
 
 
 def test_the_walk_follows_handlers_processes_and_programs_not_other_commands():
