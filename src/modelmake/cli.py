@@ -70,7 +70,7 @@ def cmd_generate(a) -> None:
     def server():
         with lease(spec, Path(a.pool_folder) / host, Path(a.pool_logs) / host,
                    ready_timeout_s=a.ready_timeout, idle_s=a.idle_timeout) as proxy:
-            yield proxy["url"]
+            yield proxy  # its url and api_key
 
     settings = GenerateSettings.from_dict(spec.served_name, opts)
     generate_shard(a.shard, a.out, server, settings)
