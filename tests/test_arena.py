@@ -151,6 +151,17 @@ def test_pairs_and_prompts_from_csv_and_parquet_with_their_own_field_names(tmp_p
     assert len(picked) == 2 and all(r["messages"][0]["content"].startswith("prompt ") for r in picked)
 
 
+def test_a_prompt_pool_with_a_duplicate_id_is_refused_with_file_and_line(tmp_path):
+    """Two prompts of one id would collapse into one answer per generator (the journal keys by id)."""
+    from modelmake.arena.pairs import sample_prompts
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": i, "prompt": f"p{n}"}) + "\n" for n, i in enumerate("abcb")))
+    with pytest.raises(RecordError, match=f"{pool}:4: duplicate id 'b' \\(first at {pool}:2\\).*prompt_pool"):
+        sample_prompts(str(pool), 2, 0, str(tmp_path / "prompts.jsonl"))
+    assert not (tmp_path / "prompts.jsonl").exists()
+
+
 def test_folds_are_stable_per_id(tmp_path):
     src = REPO / "resources/demo/arena/labelled.jsonl"
     counts = prepare([src], tmp_path / "l.parquet", labelled=True, folds=5, config={})
