@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -314,3 +315,15 @@ def test_dry_run_plans_every_arena_step(tmp_path):
         "arena_train": 6, "arena_predict": 4, "arena_merge_pseudo": 2, "arena_export": 2,
         "arena_export_ensemble": 1, "arena_report": 1,
     }
+
+
+def test_a_submission_predict_py_that_hangs_is_stopped_at_the_timeout(tmp_path):
+    from modelmake.arena.export import ExportError, run_entry_point
+
+    (tmp_path / "predict.py").write_text("import sys, time\nprint('loading', file=sys.stderr, flush=True)\n"
+                                         "time.sleep(60)\n")
+    started = time.monotonic()
+    with pytest.raises(ExportError, match="predict.py did not finish within arena.export.predict_timeout_s=1 s"
+                                          "(.|\\n)*loading"):
+        run_entry_point(tmp_path, tmp_path / "pairs.parquet", tmp_path / "out.parquet", timeout_s=1)
+    assert time.monotonic() - started < 30
