@@ -190,12 +190,12 @@ def _ref_problems(config: dict, at: tuple, value: str, ref: str, parent: dict) -
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
 def model_folder_problem(path: str | Path) -> str | None:
-    """What a Hugging Face model folder lacks for modelmake to serve or train it (every pipeline
-    loads the role's tokenizer too), or None."""
+    """What a Hugging Face model folder lacks for modelmake to serve or train it: its config.json
+    and, since every pipeline loads the role's tokenizer too, tokenizer files (or None). Weights are
+    not looked for (a dry run plans on folders without them)."""
     path = Path(path)
     if not path.is_dir():
         return f"dir {str(path)!r} does not exist (relative to {Path.cwd()})"
@@ -204,8 +204,6 @@ def model_folder_problem(path: str | Path) -> str | None:
         missing.append("config.json")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
-    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
-        missing.append(f"weights ({', '.join(WEIGHT_PATTERNS)})")
     if missing:
         return (f"{str(path)!r} is not a model folder: no {'; no '.join(missing)}. Give a folder saved with "
                 f"save_pretrained (model and tokenizer), e.g. a downloaded hub snapshot")
