@@ -339,7 +339,8 @@ def test_what_a_dead_supervisor_left_running_is_stopped_before_a_new_pool_starts
     try:
         state = {"supervisor_pid": 1, "procs": [{"name": "server0", "pid": stubborn.pid,
                                                  "start": procs.start_time(stubborn.pid)}]}
-        assert len(live_group_members(stubborn.pid)) == 2  # sh and its sleep, both deaf to SIGTERM
+        wait_until(lambda: len(live_group_members(stubborn.pid)) == 2, 10,  # sh and its sleep, deaf to SIGTERM
+                   what="the group's two processes")
         serve.stop_leftovers(state, grace_s=0.5)
         stubborn.wait(timeout=5)
         wait_until(lambda: not live_group_members(stubborn.pid), 5, what="the whole group to die")
