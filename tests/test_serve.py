@@ -478,3 +478,15 @@ def test_a_server_or_proxy_whose_port_was_taken_starts_again_on_another(tmp_path
     finally:
         pool.shutdown()
         squatter.close()
+
+
+def test_device_locks_live_per_host_and_per_slurm_job_and_a_configured_folder_is_shared(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(serve.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    own = serve.device_lock_dir()
+    assert own == tmp_path / "tmp" / f"modelmake-{os.getuid()}" / "gpus" / socket.gethostname()
+    assert own.stat().st_mode & 0o7777 == 0o700  # this user's
+    shared = serve.device_lock_dir(str(tmp_path / "shared"))
+    assert shared.stat().st_mode & 0o7777 == 0o1777  # every user's pools lock devices here
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # the job's GPUs, which SLURM may number from 0 in every job
+    assert serve.device_lock_dir(str(tmp_path / "shared")) == shared / "slurm-42"

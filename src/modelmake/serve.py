@@ -206,22 +206,29 @@ def devices(n: int, cpu_threads: int, tp: int = 1, gpus: list[str] | None = None
 def device_lock_dir(configured: str | None = None) -> Path:
     """Where this machine's pools lock their GPUs (serve.device_lock_dir, default a folder of this
     user's in the temporary folder), one subfolder per host; under SLURM one per job, whose GPUs
-    the scheduler already keeps apart (and may number from 0 in every job)."""
+    the scheduler already keeps apart (and may number from 0 in every job). The subfolders of a
+    configured folder are open to every user (mode 1777, like /tmp), so users can share it."""
     base = Path(configured or Path(tempfile.gettempdir()) / f"modelmake-{os.getuid()}" / "gpus")
-    folder = base / socket.gethostname()
+    folders = [base / socket.gethostname()]
     if os.environ.get("SLURM_JOB_ID"):
-        folder = folder / f"slurm-{os.environ['SLURM_JOB_ID']}"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return folder
+        folders.append(folders[0] / f"slurm-{os.environ['SLURM_JOB_ID']}")
+    for folder in folders:
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):  # another user made it first
+                os.chmod(folder, 0o1777 if configured else 0o700)
+    return folders[-1]
 
 
 def claim_gpus(gpus: list[str], n: int, folder: Path) -> list[tuple[str, object]] | None:
     """The first ``n`` of ``gpus`` that no other pool holds, each with its open lock file (an
     exclusive flock, released when every process holding the file has exited), or None (and
-    nothing held) when fewer than ``n`` are free."""
+    nothing held) when fewer than ``n`` are free. A lock file is opened for reading (a flock needs
+    no more), so another user's lock file serves too."""
     held = []
     for gpu in gpus:
-        f = open(folder / (re.sub(r"[^A-Za-z0-9._-]", "_", gpu) + ".lock"), "a")
+        path = folder / (re.sub(r"[^A-Za-z0-9._-]", "_", gpu) + ".lock")
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666), "rb")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
