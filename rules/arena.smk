@@ -201,6 +201,7 @@ rule arena_export:
     params:
         valid_fold=AR["valid_fold"],
         tolerance=AR["export"]["tolerance"],
+        predict_timeout=AR["export"]["predict_timeout_s"],
     log:
         log_path("arena", "export", "{base}.log"),
     threads: job_threads("arena.export")
@@ -211,7 +212,7 @@ rule arena_export:
     shell:
         "OMP_NUM_THREADS={threads} python -m modelmake arena-export --model {input.model:q} "
         "--labelled {input.labelled:q} --valid-fold {params.valid_fold} --stage-eval {input.eval:q} "
-        "--tolerance {params.tolerance} --out {output:q} > {log:q} 2>&1"
+        "--tolerance {params.tolerance} --predict-timeout {params.predict_timeout} --out {output:q} > {log:q} 2>&1"
 
 
 rule arena_export_ensemble:
@@ -226,6 +227,7 @@ rule arena_export_ensemble:
         settings=as_json(AR["ensemble"]),
         valid_fold=AR["valid_fold"],
         tolerance=AR["export"]["tolerance"],
+        predict_timeout=AR["export"]["predict_timeout_s"],
     log:
         log_path("arena", "export", "ensemble.log"),
     threads: job_threads("arena.export")
@@ -236,7 +238,8 @@ rule arena_export_ensemble:
     shell:
         "OMP_NUM_THREADS={threads} python -m modelmake arena-export-ensemble --models {input.models:q} "
         "--stage-evals {input.evals:q} --labelled {input.labelled:q} --valid-fold {params.valid_fold} "
-        "--settings {params.settings:q} --tolerance {params.tolerance} --out {output:q} > {log:q} 2>&1"
+        "--settings {params.settings:q} --tolerance {params.tolerance} --predict-timeout {params.predict_timeout} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule arena_report:

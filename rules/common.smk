@@ -159,7 +159,7 @@ def pool_spec(role, model=None, servers=None, served_name=None):
     """
     s = role_serve(config, role)
     keys = ["max_model_len", "dtype", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
-            "cpu_threads_per_server", "cpu_kvcache_gib", "vllm_args", "health_interval_s"]
+            "cpu_threads_per_server", "cpu_kvcache_gib", "vllm_args", "health_interval_s", "device_lock_dir"]
     return as_json({
         "model": model if model is not None else model_dir(role), "served_name": served_name or role,
         "servers": servers or s["servers_per_partition"], "seed": config["seed"], **{k: s[k] for k in keys},

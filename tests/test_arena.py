@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -149,6 +150,17 @@ def test_pairs_and_prompts_from_csv_and_parquet_with_their_own_field_names(tmp_p
     sample_prompts(str(pool), 2, 0, str(tmp_path / "prompts.jsonl"), fields={"id": "qid", "prompt": "question"})
     picked = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
     assert len(picked) == 2 and all(r["messages"][0]["content"].startswith("prompt ") for r in picked)
+
+
+def test_a_prompt_pool_with_a_duplicate_id_is_refused_with_file_and_line(tmp_path):
+    """Two prompts of one id would collapse into one answer per generator (the journal keys by id)."""
+    from modelmake.arena.pairs import sample_prompts
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": i, "prompt": f"p{n}"}) + "\n" for n, i in enumerate("abcb")))
+    with pytest.raises(RecordError, match=f"{pool}:4: duplicate id 'b' \\(first at {pool}:2\\).*prompt_pool"):
+        sample_prompts(str(pool), 2, 0, str(tmp_path / "prompts.jsonl"))
+    assert not (tmp_path / "prompts.jsonl").exists()
 
 
 def test_folds_are_stable_per_id(tmp_path):
@@ -303,3 +315,15 @@ def test_dry_run_plans_every_arena_step(tmp_path):
         "arena_train": 6, "arena_predict": 4, "arena_merge_pseudo": 2, "arena_export": 2,
         "arena_export_ensemble": 1, "arena_report": 1,
     }
+
+
+def test_a_submission_predict_py_that_hangs_is_stopped_at_the_timeout(tmp_path):
+    from modelmake.arena.export import ExportError, run_entry_point
+
+    (tmp_path / "predict.py").write_text("import sys, time\nprint('loading', file=sys.stderr, flush=True)\n"
+                                         "time.sleep(60)\n")
+    started = time.monotonic()
+    with pytest.raises(ExportError, match="predict.py did not finish within arena.export.predict_timeout_s=1 s"
+                                          "(.|\\n)*loading"):
+        run_entry_point(tmp_path, tmp_path / "pairs.parquet", tmp_path / "out.parquet", timeout_s=1)
+    assert time.monotonic() - started < 30

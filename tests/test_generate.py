@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from modelmake.errors import GenerationError, UserError
+from modelmake.errors import GenerationError, RecordError, UserError
 from modelmake.files import dumps
 from modelmake.generate import (GenerateSettings, Sampling, generate_shard, input_digest, journal_path,
                                 request_seed)
@@ -34,6 +34,7 @@ class FakeChatServer:
 
     def __init__(self):
         self.requests: list[dict] = []
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self.statuses: list[int] = []
         self.fail_first = 0
         self.bad_marker: str | None = None
@@ -45,6 +46,7 @@ class FakeChatServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 (http.server's naming)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.authorizations.append(self.headers.get("Authorization"))
                 status, reply = fake._answer(self.path, body)
                 data = json.dumps(reply).encode()
                 self.send_response(status)
@@ -449,6 +451,94 @@ def test_changed_sampling_settings_regenerate_everything(tmp_path, fake_server):
 
     assert counts["reused"] == 0 and counts["generated"] == 2
     assert len(fake_server.requests) == 2
+
+
+def torn_journal(tmp_path: Path, ids: list[str], tail: bytes) -> tuple[Path, Path, Path]:
+    """A shard of ``ids`` (questions in Chinese), its journal holding every id but the last fully,
+    then ``tail``."""
+    shard = write_shard(tmp_path / "shard0.jsonl",
+                        [{"id": i, "messages": conv(f"问题 {i}", f"回答 {i}")} for i in ids])
+    out = tmp_path / "out" / "shard0.jsonl"
+    s = settings()
+    rows = [{"id": i, "messages": conv(f"问题 {i}", f"来自日志 {i}"),
+             "generation": {"model": "teacher", "fingerprint": s.fingerprint(),
+                            "input": input_digest(conv(f"问题 {i}", f"回答 {i}")), "usage": {}}} for i in ids]
+    jpath = journal_path(out)
+    jpath.parent.mkdir(parents=True)
+    jpath.write_bytes(b"".join((dumps(r) + "\n").encode() for r in rows[:-1]) + tail)
+    return shard, out, jpath
+
+
+def test_a_journal_torn_inside_a_multibyte_character_is_dropped_and_regenerated(tmp_path, fake_server):
+    """Disk full or a node crash in the middle of 日 (3 bytes in UTF-8): the last line ends in its
+    first byte. A rerun drops that line, whatever its bytes, and regenerates only that record."""
+    last = dumps({"id": "c", "messages": conv("问题 c", "来自日志 c")}).encode()
+    cut = last.index("日".encode()) + 1
+    shard, out, jpath = torn_journal(tmp_path, ["a", "b", "c"], last[:cut])
+    with pytest.raises(UnicodeDecodeError):
+        last[:cut].decode()
+
+    counts = generate_shard(shard, out, fake_server.factory(), settings(), show_progress=False)
+
+    assert counts["reused"] == 2 and counts["generated"] == 1
+    assert [b["messages"][0]["content"] for b in fake_server.requests] == ["问题 c"]
+    assert [r["messages"][-1]["content"] for r in read_rows(out)] == ["来自日志 a", "来自日志 b", "echo:问题 c"]
+
+
+def test_a_damaged_line_before_the_last_is_an_error_naming_the_journal_line(tmp_path):
+    shard, out, jpath = torn_journal(tmp_path, ["a", "b", "c"], b"")
+    lines = jpath.read_bytes().splitlines(keepends=True)
+    jpath.write_bytes(lines[0][:30] + b"\xe6\n" + lines[1])  # line 1 cut mid-character, then line 2
+    with pytest.raises(GenerationError, match=f"damaged journal line {jpath}:1 .*Delete that line"):
+        generate_shard(shard, out, refuse_server(), settings(), show_progress=False)
+
+
+def test_duplicate_ids_in_a_generation_input_are_refused_with_file_and_line(tmp_path):
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": i, "messages": conv(f"q {i}")} for i in ("a", "b", "a")])
+    with pytest.raises(RecordError, match=f"duplicate id 'a' in {shard}:3 \\(first at line 1\\)"):
+        generate_shard(shard, tmp_path / "out.jsonl", refuse_server(), settings(), show_progress=False)
+
+
+def test_the_client_sends_the_pools_key_and_ignores_proxy_settings(tmp_path, fake_server, monkeypatch):
+    """A login node's proxy variables, pointing at a proxy that is down, must not touch pool traffic."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    shard = simple_shard(tmp_path, ["a", "b"])
+    pool = {"url": fake_server.url, "api_key": "k3y", "model": "teacher"}  # a proxy.ready record
+
+    counts = generate_shard(shard, tmp_path / "out.jsonl", lambda: contextlib.nullcontext(pool),
+                            settings(retries=0), show_progress=False)
+
+    assert counts["generated"] == 2 and counts["failed"] == 0
+    assert fake_server.authorizations == ["Bearer k3y", "Bearer k3y"]
+
+
+def test_the_progress_bar_keeps_its_failure_count_in_constant_time_per_record(tmp_path, monkeypatch):
+    """The bar's failure count is kept as records finish; recounting every result so far at each
+    record made a shard quadratic. Rows count how often anyone asks them whether they failed."""
+    from modelmake import generate
+
+    asked = [0]
+
+    class Row(dict):
+        def __contains__(self, key):
+            asked[0] += 1
+            return super().__contains__(key)
+
+    async def instant(records, url, s, journal, progress=None, api_key=None):  # a server that fails at once
+        for r in records:
+            progress(Row(id=r["id"], messages=None, error="HTTP 400", generation={}))
+        return 0, len(records)
+
+    monkeypatch.setattr(generate, "generate_records", instant)
+    n = 300
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": str(i), "messages": conv(f"q {i}")} for i in range(n)])
+    counts = generate_shard(shard, tmp_path / "out.jsonl", lambda: contextlib.nullcontext("http://unused"),
+                            settings(max_failure_share=1.0), show_progress=False)
+    assert counts["failed"] == n
+    assert asked[0] <= 4 * n  # a few questions per record; the recount asked n * (n + 1) / 2 of them
 
 
 # ---------------------------------------------------------------- seeds and fingerprints

@@ -217,15 +217,21 @@ def test_changing_a_sampling_parameter_marks_generation_stale(built):
     assert not re.search(r"^reformat\s", out.split("Job stats:")[1].split("total")[0], re.M)
 
 
+# a login node's proxy settings, pointing at a proxy that is down: pool traffic must not use them
+DEAD_PROXY = {**{v: "http://127.0.0.1:9" for v in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY",
+                                                   "HTTPS_PROXY", "ALL_PROXY")}, "no_proxy": "", "NO_PROXY": ""}
+
+
 @pytest.fixture(scope="module")
 def served_by_path(built, tmp_path_factory):
-    """A second folder whose teacher is a model path (no assets), run while one server is killed."""
+    """A second folder whose teacher is a model path (no assets), run while one server is killed, with
+    proxy variables set to a dead proxy."""
     wd = tmp_path_factory.mktemp("pl_path")
     cfg = pl_config(wd, **{"pseudo_labels.concurrency": 4})
     cfg["models"]["teacher"] = {"path": str(built["wd"] / "results/assets/models/tiny-llama")}
     del cfg["assets"]
     write_config(wd, cfg)
-    run = Started(wd)
+    run = Started(wd, extra_env=DEAD_PROXY)
     try:
         ready = pool_folder(wd) / "server0.ready"
         journal = wd / "results/pseudo_labels/chat_en/teacher/part0/.journal/shard0.jsonl"

@@ -319,3 +319,17 @@ def test_gzip_json_lines_and_a_table_null_column_reformat_alike(tmp_path):
     out = tmp_path / "out.parquet"
     reformat_files([gz, table], out)
     assert [r["id"] for r in read_rows(out)] == ["g1", "g4", "t1"]
+
+
+def test_a_split_without_records_is_an_error_naming_the_key_unless_allowed(tmp_path):
+    empty = write_lines(tmp_path / "empty.jsonl", [])
+    out = tmp_path / "out.parquet"
+    with pytest.raises(RecordError, match=f"no records in {empty} \\(0 read, 0 rejected\\).*"
+                                          "Check datasets.chat.splits, or set datasets.chat.allow_empty: true"):
+        reformat_files([empty], out, config_key="datasets.chat")
+    assert not out.exists()
+    bad = write_lines(tmp_path / "bad.jsonl", [b'{"id": "x"}'])  # every record rejected
+    with pytest.raises(RecordError, match="\\(1 read, 1 rejected\\)"):
+        reformat_files([bad], out, on_error="skip", config_key="datasets.chat")
+    stats = reformat_files([empty], out, allow_empty=True)
+    assert stats.written == 0 and pq.read_table(out).num_rows == 0

@@ -12,7 +12,12 @@ fingerprint of the generation settings, to a journal beside the output
 the shard, whose input turns are unchanged and whose fingerprint matches, and generates only the
 rest; the output is written atomically at the end, in shard order. Snakemake deletes the outputs
 of a failed group job, but not the journal, so even shards finished beside a failed one cost
-nothing to rebuild.
+nothing to rebuild. A kill or a full disk tears at most the journal's last line, at any byte (even
+inside a multi-byte character): that line has no newline, and is dropped and regenerated; a
+damaged line before it is an error naming the journal's file:line.
+
+The client never uses a proxy of the environment (``http_proxy``, ``ALL_PROXY``, ...: the pool is
+on this host) and sends the pool's API key (``proxy.ready``'s ``api_key``) with every request.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from modelmake.config import schema_field
-from modelmake.errors import GenerationError
+from modelmake.errors import GenerationError, RecordError
 from modelmake.files import atomic_open, dumps, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -102,19 +107,30 @@ def input_digest(messages: list[dict]) -> str:
 
 
 def load_journal(path: Path, wanted: dict[str, str], fingerprint: str) -> dict[str, dict]:
-    """Successful records of earlier runs that can be reused (a torn last line is ignored).
+    """Successful records of earlier runs that can be reused.
 
-    ``wanted`` maps the shard's ids to the input_digest of their messages.
+    ``wanted`` maps the shard's ids to the input_digest of their messages. A last line without its
+    newline was torn by a kill or a full disk, whatever its bytes: it is dropped (and regenerated).
+    Any other line that is not a JSON object raises :class:`GenerationError` naming file:line.
     """
     done: dict[str, dict] = {}
     if not path.exists():
         return done
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                log.warning("%s:%d: dropped the torn last line (%d bytes, no newline); it is regenerated",
+                            path, n, len(raw))
+                break
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
+                rec = json.loads(raw.decode("utf-8"))
+                if not isinstance(rec, dict):
+                    raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                raise GenerationError(
+                    f"damaged journal line {path}:{n} ({e}); only a last line can be torn by a kill. "
+                    f"Delete that line (its record is regenerated) or the whole journal (every record is) "
+                    f"and run again") from None
             meta = rec.get("generation", {})
             if (rec.get("id") in wanted and "error" not in rec and meta.get("fingerprint") == fingerprint
                     and meta.get("input") == wanted[rec["id"]]):
@@ -188,9 +204,11 @@ async def answer_turns(client, url: str, rec: dict, s: GenerateSettings) -> dict
 
 
 async def generate_records(
-    records: list[dict], base_url: str, s: GenerateSettings, journal, progress=None
+    records: list[dict], base_url: str, s: GenerateSettings, journal, progress=None,
+    api_key: str | None = None,
 ) -> tuple[int, int]:
-    """Generate every record, appending each result to ``journal`` as it finishes."""
+    """Generate every record, appending each result to ``journal`` as it finishes. ``api_key``: the
+    pool's (sent as a bearer token). No proxy of the environment is used."""
     import httpx
 
     fingerprint = s.fingerprint()
@@ -198,7 +216,8 @@ async def generate_records(
     url = base_url.rstrip("/") + "/v1/chat/completions"
     ok = failed = 0
     limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
-    async with httpx.AsyncClient(limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(limits=limits, headers=headers, trust_env=False) as client:
 
         async def one(rec: dict) -> None:
             nonlocal ok, failed
@@ -230,8 +249,10 @@ def generate_shard(
     """Generate one jsonl file of conversations (a shard) into ``out`` (jsonl), resuming from its
     journal; return the counts.
 
-    ``server`` is a context manager factory yielding the server's base URL; it is entered only
-    when something is left to generate (a shard fully in its journal needs no server).
+    ``server`` is a context manager factory yielding the server's base URL, or the pool's proxy
+    record (``url`` and ``api_key``); it is entered only when something is left to generate (a
+    shard fully in its journal needs no server). An id twice in the shard is refused (file:line):
+    their answers would collapse into one.
     """
     from tqdm import tqdm
 
@@ -239,6 +260,12 @@ def generate_shard(
     shard, out = Path(shard), Path(out)
     records = read_jsonl(shard)
     order = [r["id"] for r in records]
+    first: dict[str, int] = {}
+    for n, rid in enumerate(order, start=1):
+        if rid in first:
+            raise RecordError(f"duplicate id {rid!r} in {shard}:{n} (first at line {first[rid]}): every "
+                              f"record of a generation input needs its own id; fix the input it was made from")
+        first[rid] = n
     jpath = journal_path(out)
     jpath.parent.mkdir(parents=True, exist_ok=True)
     fp = settings.fingerprint()
@@ -254,20 +281,21 @@ def generate_shard(
                 f.write(dumps(done[rid]) + "\n")
     bar = tqdm(total=len(records), initial=len(done), desc=f"generate {shard.name}", unit="rec",
                mininterval=2.0, disable=not show_progress)
-    tokens = [0]
+    tokens, failures = [0], [0]  # the journal's reused records are successes
     results: dict[str, dict] = dict(done)
 
     def progress(row: dict) -> None:
         results[row["id"]] = row
         tokens[0] += row["generation"].get("usage", {}).get("completion_tokens", 0)
+        failures[0] += "error" in row
         bar.update(1)
-        bar.set_postfix(tok_s=f"{tokens[0] / max(1e-9, time.time() - started):.0f}",
-                        failed=sum("error" in r for r in results.values()))
+        bar.set_postfix(tok_s=f"{tokens[0] / max(1e-9, time.time() - started):.0f}", failed=failures[0])
 
     ok = 0
     if todo:
-        with server() as base_url, open(jpath, "a", encoding="utf-8") as journal:
-            ok, _ = asyncio.run(generate_records(todo, base_url, settings, journal, progress))
+        with server() as where, open(jpath, "a", encoding="utf-8") as journal:
+            base_url, key = (where["url"], where.get("api_key")) if isinstance(where, dict) else (where, None)
+            ok, _ = asyncio.run(generate_records(todo, base_url, settings, journal, progress, api_key=key))
     bar.close()
 
     total_failed = sum("error" in r for r in results.values())

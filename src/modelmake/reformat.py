@@ -137,10 +137,14 @@ def reformat_files(
     rejects: str | Path | None = None,
     stats_path: str | Path | None = None,
     fields: dict[str, str] | None = None,
+    allow_empty: bool = False,
+    config_key: str | None = None,
 ) -> ReformatStats:
     """Reformat raw chat sources (any :mod:`modelmake.records` source) into one parquet file; see the
     module docstring for the rules. ``fields``: {canonical name (id, data, conversations, messages):
-    name in the source} (``datasets.<name>.fields``)."""
+    name in the source} (``datasets.<name>.fields``). No record left (empty sources, or every one
+    rejected) raises :class:`RecordError` unless ``allow_empty`` (``datasets.<name>.allow_empty``,
+    the ``config_key`` that errors name): an empty split would run through to empty labels."""
     import pyarrow as pa
 
     if on_error not in ("fail", "skip"):
@@ -185,6 +189,12 @@ def reformat_files(
             rows.append({"id": rid, "messages": messages})
 
     stats.written = len(rows)
+    if not rows and not allow_empty:
+        key = config_key or "datasets.<name>"
+        raise RecordError(
+            f"no records in {', '.join(map(str, inputs))} ({stats.read} read, {stats.rejected} rejected): an "
+            f"empty split would run through generation and training to empty results. Check {key}.splits, "
+            f"or set {key}.allow_empty: true to accept it")
     schema = pa.schema([
         ("id", pa.string()),
         ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),

@@ -68,7 +68,8 @@ def cmd_merge_pseudo(a) -> None:
 def cmd_export(a) -> None:
     from modelmake.arena.export import export_model
 
-    log.info("export: %s", export_model(a.model, a.labelled, a.valid_fold, a.stage_eval, a.out, a.tolerance))
+    log.info("export: %s", export_model(a.model, a.labelled, a.valid_fold, a.stage_eval, a.out, a.tolerance,
+                                        a.predict_timeout))
 
 
 def cmd_export_ensemble(a) -> None:
@@ -76,7 +77,7 @@ def cmd_export_ensemble(a) -> None:
 
     s = json.loads(a.settings)
     log.info("ensemble: %s", export_ensemble(a.models, s["weights"], s["confident_margin"], a.labelled,
-                                             a.valid_fold, a.stage_evals, a.out, a.tolerance))
+                                             a.valid_fold, a.stage_evals, a.out, a.tolerance, a.predict_timeout))
 
 
 def cmd_report(a) -> None:
@@ -146,6 +147,7 @@ def add_commands(sub) -> None:
     p.add_argument("--valid-fold", type=int, required=True)
     p.add_argument("--stage-eval", required=True)
     p.add_argument("--tolerance", type=float, default=default("arena.export.tolerance"))
+    p.add_argument("--predict-timeout", type=float, default=default("arena.export.predict_timeout_s"))
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
@@ -156,6 +158,7 @@ def add_commands(sub) -> None:
     p.add_argument("--valid-fold", type=int, required=True)
     p.add_argument("--settings", required=True, help="JSON: weights, confident_margin")
     p.add_argument("--tolerance", type=float, default=default("arena.export.tolerance"))
+    p.add_argument("--predict-timeout", type=float, default=default("arena.export.predict_timeout_s"))
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_ensemble)
 

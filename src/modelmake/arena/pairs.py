@@ -20,11 +20,15 @@ from modelmake.records import read_records
 def sample_prompts(pool: str, n: int, seed: int, out: str, fields: dict[str, str] | None = None) -> int:
     """``n`` prompts of the pool (any :mod:`modelmake.records` source, ``{id, prompt, language}``,
     other names mapped by ``fields``: ``arena.response_pairs.fields``), chosen with the seed."""
-    rows = []
+    rows, seen = [], {}
     for where, rec in read_records(pool, fields=fields, required=("id", "prompt"),
                                    config_key="arena.response_pairs.fields"):
         if not (isinstance(rec.get("id"), str) and isinstance(rec.get("prompt"), str)):
             raise RecordError(f"bad record in {where}: needs string 'id' and 'prompt'. Fix the line.")
+        if rec["id"] in seen:  # two prompts of one id would collapse into one answer per generator
+            raise RecordError(f"bad record in {where}: duplicate id {rec['id']!r} (first at {seen[rec['id']]}). "
+                              f"Give every prompt of arena.response_pairs.prompt_pool its own id.")
+        seen[rec["id"]] = str(where)
         rows.append(rec)
     if n > len(rows):
         raise RecordError(f"arena.response_pairs.prompts={n} but {pool} holds {len(rows)} prompts; "
