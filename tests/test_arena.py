@@ -373,6 +373,11 @@ def test_config_cross_checks_name_the_key():
     assert any("arena.bases[1]: 'nope' is not a key of models" in p for p in problems)
     assert any("arena.valid_fold: 7" in p for p in problems)
     assert any("arena.pseudo.weights: no weight for base 'nope'" in p for p in problems)
+    c = demo_config()
+    c["arena"].update(ties="maybe", on_error="ignore")
+    with pytest.raises(ConfigError, match=r"(?s)arena\.on_error: 'ignore' is not one of \['fail', 'skip'\].*"
+                                          r"arena\.ties: 'maybe' is not one of \['drop', 'soft'\]"):
+        validate(c, check_paths=False)
 
 
 def test_dry_run_plans_every_arena_step(tmp_path):
