@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelmake.errors import RecordError
-from modelmake.files import atomic_open, digest, dumps, provenance_record, write_json, write_parquet
-from modelmake.records import read_records
+from modelmake.files import digest, provenance_record, write_json, write_parquet
+from modelmake.records import BadRecords, read_records
 
 ROLE_ALIASES = {
     "user": "user", "human": "user",
@@ -147,26 +147,14 @@ def reformat_files(
     the ``config_key`` that errors name): an empty split would run through to empty labels."""
     import pyarrow as pa
 
-    if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     started = time.time()
     stats = ReformatStats()
-    ids, rows, bad = {}, [], []
-
-    def reject(where, kind: str, error: str, raw: str | None) -> None:
-        if on_error == "fail":
-            raise RecordError(
-                f"bad record in {where}: {error}.\nFix the {'line' if where.line is not None else 'record'} "
-                f"or set reformat.on_error: skip to move bad records to a rejects file."
-            ) from None
-        stats.reasons[kind] = stats.reasons.get(kind, 0) + 1
-        stats.rejected += 1
-        place = {"line": where.line} if where.line is not None else {"row": where.row}
-        bad.append({"file": where.file, **place, "kind": kind, "error": error, "raw": raw})
+    ids, rows = {}, []
+    bad = BadRecords(on_error, "reformat.on_error")
 
     def unreadable(problem) -> None:
         stats.read += 1
-        reject(problem.where, problem.kind, problem.reason, problem.where.raw)
+        bad.unreadable(problem)
 
     for source in inputs:
         for where, record in read_records(source, fields=fields, on_bad=unreadable):
@@ -182,13 +170,12 @@ def reformat_files(
                 if rid in ids:
                     raise BadRecord("duplicate id", f"duplicate id {rid!r} (first seen at {ids[rid]})")
             except BadRecord as e:
-                raw = where.raw if where.raw is not None else json.dumps(record, ensure_ascii=False, default=str)
-                reject(where, e.kind, str(e), raw)
+                bad.reject(where, e.kind, str(e), record)
                 continue
             ids[rid] = str(where)  # the place, without the line it holds
             rows.append({"id": rid, "messages": messages})
 
-    stats.written = len(rows)
+    stats.written, stats.rejected, stats.reasons = len(rows), bad.rejected, bad.reasons
     if not rows and not allow_empty:
         key = config_key or "datasets.<name>"
         raise RecordError(
@@ -204,9 +191,7 @@ def reformat_files(
     write_parquet(rows, out, schema=schema, provenance=provenance_record(
         config={"on_error": on_error}, inputs=inputs, counts=counts, started=started))
     if rejects is not None:
-        with atomic_open(rejects) as f:
-            for row in bad:
-                f.write(dumps(row) + "\n")
+        bad.write(rejects)
     if stats_path is not None:
         write_json(stats_path, {"inputs": [str(p) for p in inputs], **counts,
                                 "seconds": round(time.time() - started, 3)})

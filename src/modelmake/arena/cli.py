@@ -27,7 +27,8 @@ def cmd_prepare(a) -> None:
 
     cfg = json.loads(a.config)
     folds = cfg.get("folds", default("arena.folds"))
-    counts = prepare(a.inputs, a.out, labelled=a.labelled, folds=folds, config=cfg, fields=json.loads(a.fields))
+    counts = prepare(a.inputs, a.out, labelled=a.labelled, folds=folds, config=cfg, fields=json.loads(a.fields),
+                     ties=a.ties, on_error=a.on_error, rejects=a.rejects, stats_path=a.stats)
     log.info("arena data: %s", counts)
 
 
@@ -95,6 +96,12 @@ def add_commands(sub) -> None:
     p.add_argument("--labelled", action="store_true")
     p.add_argument("--config", default="{}", help="JSON: folds and the config slice to record")
     p.add_argument("--fields", default="{}", help="JSON {canonical name: name in the source} (arena.fields)")
+    p.add_argument("--ties", choices=["drop", "soft"], default=default("arena.ties"),
+                   help="labelled ties: drop them, or keep them as 0.5/0.5 targets (arena.ties)")
+    p.add_argument("--on-error", choices=["fail", "skip"], default=default("arena.on_error"),
+                   help="a bad record: fail, or skip it to --rejects (arena.on_error)")
+    p.add_argument("--rejects", help="the skipped records (jsonl)")
+    p.add_argument("--stats", help="counts (json): read, written, rejected, ties, winners, languages, turns")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("arena-sample-prompts", help="arena: sample prompts for response pairs")
