@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from modelmake.chat import plain_messages
 from modelmake.errors import RecordError
 from modelmake.reformat import reformat_files
 
@@ -24,7 +25,8 @@ def write_lines(path: Path, lines: list[bytes]) -> Path:
 
 
 def read_rows(path: Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
+    """The rows with each conversation as consumers read it (the fields set: chat.plain_messages)."""
+    return [{**r, "messages": plain_messages(r["messages"])} for r in pq.read_table(path).to_pylist()]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -69,14 +71,17 @@ def test_all_three_shapes_become_id_and_role_content_messages(tmp_path):
     ]
 
 
-def test_output_schema_is_string_id_and_list_of_role_content_structs(tmp_path):
+def test_output_schema_is_string_id_and_list_of_openai_message_structs(tmp_path):
     src = write_lines(tmp_path / "in.jsonl", [jline({"id": "a", "data": ["q", "a"]})])
     out = tmp_path / "out.parquet"
     reformat_files([src], out)
     schema = pq.read_schema(out)
     assert schema.names == ["id", "messages"]
     assert str(schema.field("id").type) == "string"
-    assert str(schema.field("messages").type) == "list<element: struct<role: string, content: string>>"
+    assert str(schema.field("messages").type) == (
+        "list<element: struct<role: string, content: string, name: string, tool_calls: list<element: "
+        "struct<id: string, type: string, function: struct<name: string, arguments: string>>>, "
+        "tool_call_id: string>>")
 
 
 def test_several_input_files_are_concatenated_in_order(tmp_path):
