@@ -398,7 +398,7 @@ OPENAI = {  # OpenAI messages: tool_calls with null content, tool messages with 
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "c-9", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
         {"role": "tool", "tool_call_id": "c-9", "name": "add", "content": "5"},
-        {"role": "assistant", "content": "5.", "name": "calc-bot"},
+        {"role": "assistant", "content": "5.", "name": "calc-bot", "tool_calls": []},  # [] is no call
     ],
 }
 

@@ -108,7 +108,7 @@ def _tool_call(value, where: str) -> dict:
     if not isinstance(name, str) or not name:
         raise BadRecord("bad tool call", f'{where} has no function "name"')
     args = fn.get("arguments", fn.get("parameters", {}))
-    if args is None:
+    if args is None or args == "":  # no arguments (vLLM reads both as {})
         args = {}
     if isinstance(args, str):
         try:
@@ -181,9 +181,9 @@ def _turns(record: dict) -> list[dict]:
         calls = None
         if role == "call":
             role, calls, text = "assistant", _tool_calls(text, f'{where} "{text_key}"'), ""
-        elif role == "assistant" and turn.get("tool_calls") is not None:
+        elif role == "assistant" and turn.get("tool_calls"):  # None or []: no call
             calls = _tool_calls(turn["tool_calls"], f'{where} "tool_calls"')
-        elif role == "assistant" and turn.get("function_call") is not None:  # the legacy OpenAI form
+        elif role == "assistant" and turn.get("function_call"):  # the legacy OpenAI form
             calls = _tool_calls(turn["function_call"], f'{where} "function_call"')
         if text is None and role == "assistant":
             text = ""  # OpenAI: an assistant's content may be null (a tool call, or nothing said)
