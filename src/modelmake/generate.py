@@ -196,7 +196,7 @@ async def answer_turns(client, url: str, rec: dict, s: GenerateSettings) -> dict
     """
     messages = plain_messages(rec["messages"])
     regen = set(targets(messages, s.regenerate))
-    steps = [(i, m) for i, m in enumerate(messages)]
+    steps = list(enumerate(messages))
     if awaits_reply(messages):
         steps.append((len(messages), {"role": "assistant", "content": ""}))  # the reply it awaits
         regen.add(len(messages))
