@@ -186,6 +186,7 @@ def generation_settings(config_key, section, model_source):
     """What `modelmake generate` needs from a section holding the generation settings (schema
     $defs/generation) as JSON; ``config_key`` names that section in errors (e.g. arena.response_pairs)."""
     keys = ["sampling", "max_conversation_tokens", "concurrency", "retries", "max_failure_share"]
+    keys += [k for k in ("regenerate", "ending_user_turn") if k in section]  # pseudo_labels' own
     return as_json({"config_key": config_key, "teacher_source": model_source, **{k: section[k] for k in keys}})
 
 

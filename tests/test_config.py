@@ -378,6 +378,7 @@ def typed_settings() -> dict:
         "$defs.sampling": asdict(Sampling()),
         "$defs.generation": {k: generate[k] for k in ("max_conversation_tokens", "concurrency", "retries",
                                                       "max_failure_share")},
+        "pseudo_labels": {k: generate[k] for k in ("regenerate", "ending_user_turn")},
         "serve": {k: v for k, v in asdict(PoolSpec(model="m", served_name="t")).items()
                   if k not in ("model", "served_name", "servers", "host", "seed", "server_command")},
         "$defs.arena_stage": asdict(TrainSettings()),

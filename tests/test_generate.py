@@ -199,6 +199,128 @@ def test_output_is_in_shard_order_and_original_trailing_assistant_turn_is_replac
     assert len(fake_server.requests) == len(ids)
 
 
+# ---------------------------------------------------------------- tool turns, what is regenerated, unanswered ends
+
+
+def tool_call(cid: str, name: str, arguments: str) -> dict:
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+SYSTEM = {"role": "system", "content": "You can call get_weather."}
+CALL = {"role": "assistant", "content": "", "tool_calls": [tool_call("call_0", "get_weather", '{"city": "Paris"}')]}
+RESULT = {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_0", "name": "get_weather"}
+TOOL_CONVERSATION = [  # the canonical shape modelmake.reformat writes (chat.plain_messages)
+    SYSTEM, {"role": "user", "content": "Weather in Paris?", "name": "alice"}, CALL, RESULT,
+    {"role": "assistant", "content": "ORIG it is 21"},
+    {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": ""},  # an empty answer
+    {"role": "user", "content": "Bye"},  # ends on a user turn
+]
+
+
+def test_tool_turns_are_sent_as_context_and_every_other_assistant_turn_is_regenerated(tmp_path, fake_server):
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": "t1", "messages": TOOL_CONVERSATION}])
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    generate_shard(shard, out, fake_server.factory(), settings(concurrency=1), show_progress=False)
+
+    [row] = read_rows(out)
+    user = TOOL_CONVERSATION[1]
+    expected = [SYSTEM, user, CALL, RESULT, {"role": "assistant", "content": "echo:Weather in Paris?"},
+                {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "echo:Thanks"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "echo:Bye"}]
+    assert row["messages"] == expected  # the empty answer regenerated, the ending user turn answered
+    # each request: the conversation so far in the OpenAI format, the tool call and its output as given
+    assert [b["messages"] for b in fake_server.requests] == [expected[:4], expected[:6], expected[:8]]
+    assert not fake_server.requests_containing("ORIG")
+    assert row["generation"]["turns"] == 3
+
+
+def test_regenerate_last_rewrites_only_the_final_answer_and_keeps_the_earlier_ones(tmp_path, fake_server):
+    ends_on_answer = TOOL_CONVERSATION[:-1]
+    ends_on_answer[-1] = {"role": "assistant", "content": "ORIG last", "name": "bot"}
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": "a", "messages": ends_on_answer},
+                                                    {"id": "u", "messages": TOOL_CONVERSATION}])
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    generate_shard(shard, out, fake_server.factory(), settings(regenerate="last"), show_progress=False)
+
+    a, u = read_rows(out)
+    assert a["messages"] == [*ends_on_answer[:-1], {"role": "assistant", "content": "echo:Thanks", "name": "bot"}]
+    assert u["messages"] == [*TOOL_CONVERSATION, {"role": "assistant", "content": "echo:Bye"}]
+    assert sorted(len(b["messages"]) for b in fake_server.requests) == [6, 8]  # one request each
+    assert a["generation"]["turns"] == u["generation"]["turns"] == 1
+
+
+def test_drop_leaves_out_conversations_ending_on_a_user_turn_and_counts_them(tmp_path, fake_server):
+    records = [{"id": "u", "messages": TOOL_CONVERSATION},
+               {"id": "t", "messages": TOOL_CONVERSATION[:4]},  # ends on a tool's output: awaits a reply too
+               {"id": "c", "messages": TOOL_CONVERSATION[:3]},  # ends on a tool call: nothing awaits a reply
+               {"id": "a", "messages": conv("q", "a")}]
+    shard = write_shard(tmp_path / "shard0.jsonl", records)
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    counts = generate_shard(shard, out, fake_server.factory(), settings(ending_user_turn="drop"),
+                            show_progress=False)
+
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == ["u", "t", "c", "a"]
+    assert [r["messages"] for r in rows[:2]] == [None, None]
+    assert "ends on a user turn (pseudo_labels.ending_user_turn: drop)" in rows[0]["dropped"]
+    assert "ends on a tool turn" in rows[1]["dropped"]
+    assert rows[2]["messages"] == TOOL_CONVERSATION[:3] and rows[2]["generation"]["turns"] == 0
+    assert rows[3]["messages"] == conv("q", "echo:q")
+    assert counts["dropped"] == 2 and counts["generated"] == 2 and counts["failed"] == 0
+    assert not fake_server.requests_containing("Bye")
+    # a shard whose every record is dropped needs no server
+    write_shard(shard, records[:2])
+    assert generate_shard(shard, out, refuse_server(), settings(ending_user_turn="drop"),
+                          show_progress=False)["dropped"] == 2
+
+
+def test_merge_counts_dropped_records_apart_from_failed_ones(tmp_path, fake_server):
+    from modelmake.chat import read_conversations
+    from modelmake.pseudo_labels.merge import merge_shards
+
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": "u", "messages": TOOL_CONVERSATION},
+                                                    {"id": "a", "messages": TOOL_CONVERSATION[:5]}])
+    out = tmp_path / "out" / "shard0.jsonl"
+    generate_shard(shard, out, fake_server.factory(), settings(ending_user_turn="drop"), show_progress=False)
+
+    stats = merge_shards([out], tmp_path / "labels.parquet", tmp_path / "stats.json", tmp_path / "lengths.png",
+                         config={})
+
+    assert (stats["records"], stats["ok"], stats["dropped"], stats["failed"]) == (2, 1, 1, 0)
+    assert read_conversations(tmp_path / "labels.parquet") == [
+        ("a", [*TOOL_CONVERSATION[:4], {"role": "assistant", "content": "echo:Weather in Paris?"}])]
+
+
+def test_a_changed_tool_call_is_not_reused_from_the_journal_and_plain_digests_are_unchanged():
+    import hashlib
+
+    plain = conv("q", "a", "q2")
+    old_digest = hashlib.sha256(json.dumps([["user", "q"], ["user", "q2"]]).encode()).hexdigest()[:16]
+    assert input_digest(plain) == old_digest  # journals written before tool turns stay reusable
+    edited = json.loads(json.dumps(TOOL_CONVERSATION))
+    edited[2]["tool_calls"][0]["function"]["arguments"] = '{"city": "Lyon"}'
+    assert input_digest(edited) != input_digest(TOOL_CONVERSATION)
+    answer_edited = [*TOOL_CONVERSATION[:4], {"role": "assistant", "content": "other"}, *TOOL_CONVERSATION[5:]]
+    assert input_digest(answer_edited) == input_digest(TOOL_CONVERSATION)  # regenerated anyway
+    assert input_digest(answer_edited, "last") != input_digest(TOOL_CONVERSATION, "last")  # kept as context
+
+
+def test_max_conversation_tokens_cuts_back_to_the_last_answer_past_tool_turns(tmp_path, fake_server):
+    fake_server.usage = lambda body, answer: (100 * len(body["messages"]), 50)
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": "t", "messages": [
+        *conv("u1", "a1"), {"role": "user", "content": "u2"}, CALL, RESULT, {"role": "assistant", "content": "a2"}]}])
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    generate_shard(shard, out, fake_server.factory(), settings(max_conversation_tokens=150), show_progress=False)
+
+    [row] = read_rows(out)
+    assert row["messages"] == conv("u1", "echo:u1")  # the user turn and tool turns after it dropped too
+    assert row["generation"]["truncated"] is True and len(fake_server.requests) == 1
+
+
 # ---------------------------------------------------------------- max_conversation_tokens
 
 
@@ -565,9 +687,23 @@ def test_fingerprint_follows_what_is_generated_not_how_fast():
         settings(teacher_source={"path": "/models/x"}),
         settings(model="other"),
         settings(max_conversation_tokens=1000),
+        settings(regenerate="last"),
     ]
     assert all(c.fingerprint() != fp for c in changed)
     same = [settings(concurrency=64), settings(retries=0), settings(backoff_s=3.0),
             settings(request_timeout_s=1.0), settings(max_failure_share=0.5),
-            settings(config_key="arena.response_pairs")]
+            settings(config_key="arena.response_pairs"),
+            settings(ending_user_turn="drop")]  # which records are generated, not how
     assert all(c.fingerprint() == fp for c in same)
+
+
+def test_the_default_fingerprint_is_the_one_journals_had_before_tool_turns():
+    """regenerate: assistant (the default) adds nothing to the fingerprint, so journals written before
+    the key existed are reused after an upgrade."""
+    import hashlib
+    from dataclasses import asdict
+
+    s = settings()
+    key = {"model": s.model, "teacher": s.teacher_source, "sampling": asdict(s.sampling),
+           "max_conversation_tokens": s.max_conversation_tokens}
+    assert s.fingerprint() == hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
