@@ -6,7 +6,7 @@ exist (relative to the working directory); ``x-path: source`` values, users' rec
 sources :mod:`modelmake.records` reads (a hub id is not checked: that needs the hub); ``x-path:
 model`` a model folder with what loading it needs (:func:`model_folder_problem`). Every number must
 be finite (jsonschema takes YAML's ``.inf`` for a number), and vLLM arguments may not set what a
-pool sets itself (``--host``, ``--port``, ...: :func:`modelmake.serve.vllm_args_problems`).
+pool sets itself (``--host``, ``--port``, ...: :func:`vllm_args_problems`).
 """
 
 from __future__ import annotations
@@ -368,10 +368,35 @@ def _cross_checks(c: dict) -> list[str]:
     return out
 
 
+# vLLM flags a pool sets itself: in vllm_args they would override it without a word
+POOL_FLAGS = {
+    "--model": "the model role's path or asset", "--served-model-name": "the model role's name",
+    "--host": "none: servers listen on 127.0.0.1, reached through the pool's proxy",
+    "--port": "none: each server gets a free port", "--api-key": "none: each pool generates its own key",
+    "--max-model-len": "{serve}.max_model_len", "--dtype": "{serve}.dtype", "--seed": "seed",
+    "--tensor-parallel-size": "{serve}.tensor_parallel_size",
+    "--gpu-memory-utilization": "{serve}.gpu_memory_utilization", "--enforce-eager": "{serve}.enforce_eager",
+}
+
+
+def vllm_args_problems(args: list[str], key: str) -> list[str]:
+    """``key`` (``serve.vllm_args``, ``models.<role>.serve.vllm_args``): each flag the pool sets itself."""
+    serve_key = key.rsplit(".", 1)[0]
+    out = []
+    for a in args:
+        if not a.startswith("-"):
+            continue
+        name = a.split("=", 1)[0]
+        flag = "--tensor-parallel-size" if name == "-tp" else "--" + name.lstrip("-").replace("_", "-")
+        if flag in POOL_FLAGS:
+            use = POOL_FLAGS[flag].format(serve=serve_key)
+            out.append(f"{key}: {a} is set by the pool; "
+                       + (f"set {use} instead" if not use.startswith("none") else use[len("none: "):]))
+    return out
+
+
 def _vllm_args_checks(c: dict) -> list[str]:
     """vllm_args (the serve section's, each role's) may not set what a pool sets itself."""
-    from modelmake.serve import vllm_args_problems
-
     out = vllm_args_problems(c.get("serve", {}).get("vllm_args", []), "serve.vllm_args")
     for role, m in c["models"].items():
         out += vllm_args_problems(m.get("serve", {}).get("vllm_args", []), f"models.{role}.serve.vllm_args")

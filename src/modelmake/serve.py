@@ -59,7 +59,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from modelmake.config import schema_field
+from modelmake.config import schema_field, vllm_args_problems
 from modelmake.errors import ServiceError
 from modelmake.files import read_json, write_json
 from modelmake.procs import (
@@ -126,33 +126,6 @@ class PoolSpec:
     device_lock_dir: str | None = schema_field("serve.device_lock_dir")
     # a stand-in for ``python -m vllm.entrypoints.openai.api_server`` (tests); it gets vLLM's arguments
     server_command: list[str] | None = field(default=None)
-
-
-# vLLM flags a pool sets itself: in vllm_args they would override it without a word
-POOL_FLAGS = {
-    "--model": "the model role's path or asset", "--served-model-name": "the model role's name",
-    "--host": "none: servers listen on 127.0.0.1, reached through the pool's proxy",
-    "--port": "none: each server gets a free port", "--api-key": "none: each pool generates its own key",
-    "--max-model-len": "{serve}.max_model_len", "--dtype": "{serve}.dtype", "--seed": "seed",
-    "--tensor-parallel-size": "{serve}.tensor_parallel_size",
-    "--gpu-memory-utilization": "{serve}.gpu_memory_utilization", "--enforce-eager": "{serve}.enforce_eager",
-}
-
-
-def vllm_args_problems(args: list[str], key: str) -> list[str]:
-    """``key`` (``serve.vllm_args``, ``models.<role>.serve.vllm_args``): each flag the pool sets itself."""
-    serve_key = key.rsplit(".", 1)[0]
-    out = []
-    for a in args:
-        if not a.startswith("-"):
-            continue
-        name = a.split("=", 1)[0]
-        flag = "--tensor-parallel-size" if name == "-tp" else "--" + name.lstrip("-").replace("_", "-")
-        if flag in POOL_FLAGS:
-            use = POOL_FLAGS[flag].format(serve=serve_key)
-            out.append(f"{key}: {a} is set by the pool; "
-                       + (f"set {use} instead" if not use.startswith("none") else use[len("none: "):]))
-    return out
 
 
 def visible_gpus() -> list[str]:
