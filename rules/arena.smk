@@ -1,9 +1,7 @@
 # Arena: a pairwise preference classifier in three stages, ensemble soft pseudo-labels,
 # response pairs generated through the serving pools, fp16 submission export, held-out report.
 # Included only when the config has an arena section.
-
-include: "functions/arena.smk"
-
+# Its paths and input functions: rules/functions/arena.smk (the Snakefile includes them first).
 
 TARGETS += arena_targets()
 

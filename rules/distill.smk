@@ -1,9 +1,7 @@
 # Distillation: data -> hybrid student init -> stage 1 (hidden states) -> stage 2 (KL + CE)
 # -> held-out evaluation. Each stage job supervises its teacher processes and trainer ranks.
 # Included only when the config has a distill section.
-
-include: "functions/distill.smk"
-
+# Its paths and input functions: rules/functions/distill.smk (the Snakefile includes them first).
 
 TARGETS += distill_targets()
 

@@ -2,9 +2,7 @@
 # model -> label-token scores -> calibrated threshold -> cost/quality evaluation.
 # Logic in modelmake.router; only wiring here.
 # Included only when the config has a router section.
-
-include: "functions/router.smk"
-
+# Its paths and input functions: rules/functions/router.smk (the Snakefile includes them first).
 
 TARGETS += router_targets()
 

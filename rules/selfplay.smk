@@ -2,9 +2,7 @@
 # rule: leased vLLM pool, resumable client) -> KTO pairs -> KTO with an nnPU prior -> held-out metrics.
 # Iteration t generates with, starts from and is regularised towards iteration t-1's model.
 # Included only when the config has a selfplay section (iterations: 0 builds nothing).
-
-include: "functions/selfplay.smk"
-
+# Its paths and input functions: rules/functions/selfplay.smk (the Snakefile includes them first).
 
 TARGETS += sp_targets()
 

@@ -7,7 +7,10 @@ shifts once (the original shifted here too and so trained on token t+2).
 
 * chat: each conversation through the model's own chat template; only assistant tokens (each
   assistant turn's content and end-of-turn token, ``chat.assistant_mask``: any template, with or
-  without ``{% generation %}`` markers) carry labels, user and system turns are -100.
+  without ``{% generation %}`` markers) carry labels, user and system turns are -100. The
+  conversations are reformatted splits (their own answers) and/or the pseudo-label pipeline's
+  ``labels.parquet`` (the teacher's answers: ``distill.chat.pseudo_labels``); both hold ``messages``
+  as a list of {role, content} (``modelmake.pseudo_labels.merge``: failed records are not in it).
 * web: C4-style records per language (any :mod:`modelmake.records` source, e.g. ``.json.gz``
   shards; the text in ``distill.web.text_field``, ``text`` or e.g. ``raw_content``), interleaved
   round-robin by language (a seeded shuffle within each), EOS-joined and packed into ``max_len`` blocks.
@@ -131,6 +134,19 @@ def split_rows(rows: list[dict], eval_rows: int, seed: int) -> tuple[list[dict],
     return rows[:-eval_rows], rows[-eval_rows:]
 
 
+def chat_source(parquet: str | Path) -> str:
+    """The ``source`` of a chat parquet's rows: the dataset of a reformatted split
+    (``data/<dataset>/reformatted/<split>.parquet``: ``<dataset>``), or of a pseudo-label dataset
+    (``pseudo_labels/<dataset>/<teacher>/labels.parquet``, whose rows name their ``teacher``:
+    ``<dataset>:<teacher>``), so the two kinds of one dataset stay apart in the rows."""
+    import pyarrow.parquet as pq
+
+    p = Path(parquet)
+    if "teacher" in pq.read_schema(p).names:  # modelmake.pseudo_labels.merge's schema
+        return f"{p.parent.parent.name}:{p.parent.name}"
+    return p.parent.parent.name
+
+
 def build_chat(parquets: list[str], tokenizer_dir: str, out_train: str, out_eval: str, *, max_len: int,
                eval_rows: int, seed: int, max_rows: int | None = None) -> dict:
     import pandas as pd
@@ -141,7 +157,8 @@ def build_chat(parquets: list[str], tokenizer_dir: str, out_train: str, out_eval
     conversations = []
     for p in parquets:
         df = pd.read_parquet(p, columns=["messages"])
-        conversations += [(Path(p).parent.parent.name, [dict(m) for m in ms]) for ms in df["messages"]]
+        source = chat_source(p)
+        conversations += [(source, [dict(m) for m in ms]) for ms in df["messages"]]
     rows = chat_rows(tok, conversations, max_len)
     if max_rows:
         rows = random.Random(seed).sample(rows, min(max_rows, len(rows)))
