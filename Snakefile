@@ -15,6 +15,10 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
+# snakemake --report: this overview, then a section per pipeline (rules/common.smk report_item).
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/assets.smk"
 include: "rules/data.smk"

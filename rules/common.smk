@@ -105,6 +105,19 @@ def model_source(role):
     return {"path": m["path"]}
 
 
+# snakemake --report: a section (category) per pipeline, in the order of PIPELINES; captions in
+# report/<name>.rst say what each figure or table shows and what to look for.
+REPORT_SECTIONS = {"pseudo_labels": "Pseudo-labels", "router": "Router", "selfplay": "Self-play",
+                   "arena": "Arena", "distill": "Distillation"}
+
+
+def report_item(path, caption, pipeline, subcategory):
+    """``path`` flagged for the report under its pipeline's section and ``subcategory`` (wildcards
+    allowed, e.g. "Iteration {it}"), captioned by report/<caption>.rst."""
+    return report(path, caption=f"../report/{caption}.rst", category=REPORT_SECTIONS[pipeline],
+                  subcategory=subcategory)
+
+
 def as_json(obj):
     """A config slice as compact JSON, to pass to the CLI quoted ({params.x:q})."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))

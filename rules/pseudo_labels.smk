@@ -61,16 +61,10 @@ rule merge_pseudo_labels:
         ],
     output:
         parquet=labels_path("{dataset}", "{teacher}", "labels.parquet"),
-        stats=report(
-            labels_path("{dataset}", "{teacher}", "stats.json"),
-            caption="../report/pseudo_labels_stats.rst",
-            category="Pseudo-labels",
-        ),
-        plot=report(
-            labels_path("{dataset}", "{teacher}", "lengths.png"),
-            caption="../report/pseudo_labels_plot.rst",
-            category="Pseudo-labels",
-        ),
+        stats=report_item(labels_path("{dataset}", "{teacher}", "stats.json"), "pseudo_labels_stats",
+                          "pseudo_labels", "{dataset}"),
+        plot=report_item(labels_path("{dataset}", "{teacher}", "lengths.png"), "pseudo_labels_plot",
+                         "pseudo_labels", "{dataset}"),
     params:
         config=as_json({"pseudo_labels": pl_recipe(), "teacher": model_source(PL["teacher"])}),
     log:
