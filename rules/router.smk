@@ -8,7 +8,8 @@ TARGETS += router_targets()
 
 
 rule router_data:
-    """Validate the scored prompts, take the seeded subsample and cut train / calib / test."""
+    """Validate the prompts (labels, scores per model on the declared scale), take the seeded
+    subsample and cut train / calib / test (test from the records with both models' scores)."""
     input:
         local_sources(ROUTER["data"]),
     output:
@@ -19,11 +20,13 @@ rule router_data:
     params:
         sources=record_sources(ROUTER["data"]),
         fields=as_json(ROUTER["fields"]),
+        scores=as_json(ROUTER["scores"]),
+        system=["--system", ROUTER["system"]] if ROUTER["system"] is not None else [],
         n_sample=ROUTER["n_sample"] if ROUTER["n_sample"] is not None else "null",
         calib=ROUTER["split"]["calib"],
         test=ROUTER["split"]["test"],
         seed=config["seed"],
-        config=as_json({k: ROUTER[k] for k in ("data", "fields", "n_sample", "split")}),
+        config=as_json({k: ROUTER[k] for k in ("data", "fields", "scores", "system", "n_sample", "split")}),
     log:
         log_path("router", ROUTER["run"], "data.log"),
     threads: job_threads("data")
@@ -32,7 +35,8 @@ rule router_data:
     conda:
         "../envs/train.yaml"
     shell:
-        "python -m modelmake router-data {params.sources:q} --fields {params.fields:q} --train {output.train:q} "
+        "python -m modelmake router-data {params.sources:q} --fields {params.fields:q} --scores {params.scores:q} "
+        "{params.system:q} --train {output.train:q} "
         "--calib {output.calib:q} --test {output.test:q} --stats {output.stats:q} --n-sample {params.n_sample:q} "
         "--calib-share {params.calib:q} --test-share {params.test:q} --seed {params.seed:q} "
         "--config {params.config:q} > {log:q} 2>&1"

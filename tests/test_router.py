@@ -119,12 +119,6 @@ def test_subsample_is_seeded_and_the_splits_are_disjoint():
     assert not set(ids["train"]) & set(ids["test"]) and not set(ids["calib"]) & set(ids["test"])
 
 
-def test_evaluation_splits_need_both_models_scores(tmp_path):
-    path = write_lines(tmp_path / "in.jsonl", [record(i, weak_score=None) for i in range(10)])
-    with pytest.raises(UserError, match="weak_score / strong_score"):
-        split_records(read_scored([path]), None, 0.2, 0.2, seed=0)
-
-
 # --- tokens and masking
 
 

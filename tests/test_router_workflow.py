@@ -2,7 +2,11 @@
 once, then resumed) -> consolidation -> scores -> calibration -> evaluation, then reruns.
 
 The base model is a tiny random Llama given by path (so no demo asset is built); the data are the
-1000 demo prompts: 600 to train on, 150 to calibrate, 250 to evaluate routing.
+1000 demo prompts: 600 to train on, 150 to calibrate, 250 to evaluate routing, in two shapes public
+router data come in (:func:`write_shapes`): the 750 train and calib prompts label-only, in the source
+document's own shape (messages ending in [[k]], no scores; a jsonl with a BOM), the 250 test prompts
+with per-model columns of MT-Bench 1..10 grades (a parquet, no messages; ``router.scores`` names the
+models and the scale).
 """
 
 from __future__ import annotations
@@ -28,17 +32,43 @@ def targets(workdir) -> list[str]:
     return [str(workdir / t) for t in TARGETS]
 
 
+WEAK, STRONG = "mixtral-8x7b", "gpt-4-1106-preview"
+SPLIT = {"calib": 0.15, "test": 0.25}
+
+
+def write_shapes(workdir, seed: int) -> list[str]:
+    """The demo prompts as a user might have them: the records the seeded split holds out for the test
+    carry both models' grades on the MT-Bench scale (the demo's 1..5 doubled: 2..10, which linear
+    bins map back to 1..5) in one column per model, without messages; the others only the [[k]]
+    label in the source document's shape. Ids are kept, so the split, the conversations the router
+    trains on and the routing quality (APGR is unchanged by scaling the scores) are the demo's own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from modelmake.router.data import read_scored, split_records
+
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    test_ids = {r["id"] for r in split_records(read_scored([DEMO]), 1000, SPLIT["calib"], SPLIT["test"], seed)["test"]}
+    raw = workdir / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    plain, scored = raw / "train_data_sample.jsonl", raw / "mt_bench_grades.parquet"
+    plain.write_bytes(b"\xef\xbb\xbf" + "".join(
+        json.dumps({"id": r["id"], "prompt": r["prompt"], "messages": r["messages"]}) + "\n"
+        for r in rows if r["id"] not in test_ids).encode())
+    pq.write_table(pa.Table.from_pylist([{"id": r["id"], "prompt": r["prompt"], WEAK: 2 * r["weak_score"],
+                                          STRONG: 2 * r["strong_score"]} for r in rows if r["id"] in test_ids]), scored)
+    return [str(plain), str(scored)]
+
+
 def router_config(workdir, base, **overrides):
-    raw = workdir / "raw" / "scored.jsonl"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(DEMO.read_text())
     cfg = small_config(workdir)
     cfg["models"]["router_base"] = {"path": str(base)}
     r = cfg["router"]
     # A random tiny base learns routing only from enough records and steps: with 120 training records
     # and 30 steps (the old config) it learnt the answer format and the label prior, then stopped
     # (APGR 0.503, label accuracy below the majority's); 600 records, 152 steps at lr 0.02 learn it.
-    r.update(run="t", data=[str(raw)], n_sample=1000, split={"calib": 0.15, "test": 0.25})
+    r.update(run="t", data=write_shapes(workdir, cfg["seed"]), n_sample=1000, split=dict(SPLIT),
+             scores={"weak": WEAK, "strong": STRONG, "scale": {"min": 1, "max": 10}})
     r["scale"]["deepspeed"] = str(REPO / "config/router/zero3.json")
     r["train"].update(epochs=4, batch_size=16, lr=0.02, max_length=512, save_steps=20, logging_steps=10)
     for k, v in overrides.items():
@@ -101,10 +131,25 @@ def test_the_demo_outputs_metrics_curve_and_a_loadable_consolidated_model(built)
     AutoModelForCausalLM.from_pretrained(res / "model")
 
 
+def test_label_only_records_and_per_model_grades_reach_training_and_evaluation(built):
+    """Train and calib are the label-only records (calibration needs no scores), the test split the
+    graded ones, evaluated on their own 1..10 scale."""
+    from modelmake.files import read_json
+
+    workdir, _, _ = built
+    res = workdir / "results/router/t"
+    stats = read_json(res / "data/stats.json")
+    assert {k: (v["records"], v["labels_from"], v["with_both_scores"]) for k, v in stats.items()} == {
+        "train": (600, {"messages": 600}, 0), "calib": (150, {"messages": 150}, 0),
+        "test": (250, {"weak_score": 250}, 250)}
+    m = read_json(res / "eval/metrics.json")
+    assert 5 < m["strong_quality"] <= 10 and m["weak_quality"] < m["strong_quality"]  # grades, not 1..5 labels
+
+
 def test_the_router_routes_better_than_a_random_router(built):
     """APGR on the 250 held-out prompts: a random router 0.5 (sd 0.014 over random orders of these
     prompts), the optimal one 0.695, one that knew each prompt's topic 0.628. Measured 0.620 here
-    (label accuracy 0.46, majority class 0.28); the same config trained in-process with seeds 0..6:
+    (label accuracy 0.46, majority class 0.28), in the demo's own shape and in write_shapes' (0.6198); the same config trained in-process with seeds 0..6:
     0.580 .. 0.628 (lr 1e-12: 0.462)."""
     from modelmake.files import read_json
 

@@ -9,6 +9,6 @@ def router_path(*parts):
 
 
 def router_targets():
-    """The router's evaluation (metrics, curve) and calibration."""
-    return [router_path("eval", "metrics.json"), router_path("eval", "curve.png"),
-            router_path("route", "calibration.json")]
+    """The router's evaluation (metrics, curve; none with router.split.test 0) and calibration."""
+    evaluation = [router_path("eval", "metrics.json"), router_path("eval", "curve.png")]
+    return [*(evaluation if ROUTER["split"]["test"] > 0 else []), router_path("route", "calibration.json")]

@@ -372,9 +372,32 @@ def _distill_checks(c: dict) -> list[str]:
 
 def _router_checks(c: dict) -> list[str]:
     r = c.get("router")
-    if r is not None and r["split"]["calib"] + r["split"]["test"] >= 1:
-        return ["router.split: calib + test must leave records to train on (sum below 1)"]
-    return []
+    if r is None:
+        return []
+    out = []
+    if r["split"]["calib"] + r["split"]["test"] >= 1:
+        out.append("router.split: calib + test must leave records to train on (sum below 1)")
+    s = r["scores"]
+    for role in ("weak", "strong"):
+        if s[role] is not None and r["fields"].get(f"{role}_score"):
+            out.append(f"router.scores.{role} and router.fields.{role}_score both say where the {role} model's "
+                       "score is: keep one")
+    scale, labels = s["scale"], s["labels"]
+    if scale and not scale["min"] < scale["max"]:
+        out.append(f"router.scores.scale: min {scale['min']} must be below max {scale['max']}")
+    if isinstance(labels, list) and any(a >= b for a, b in zip(labels, labels[1:])):
+        out.append(f"router.scores.labels: the cut points {labels} must be ascending")
+    if isinstance(labels, dict):
+        for k in labels:
+            try:
+                v = float(k)
+            except (TypeError, ValueError):
+                out.append(f"router.scores.labels: the key {k!r} is not a score (a number)")
+                continue
+            if scale and not scale["min"] <= v <= scale["max"]:
+                out.append(f"router.scores.labels: the score {k} is outside router.scores.scale "
+                           f"[{scale['min']}, {scale['max']}]")
+    return out
 
 
 def _selfplay_checks(c: dict) -> list[str]:

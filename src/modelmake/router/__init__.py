@@ -3,7 +3,8 @@
 Modules, one concept each:
 
 * ``tokens``: the five label tokens, the router's conversation format, adding tokens to a model;
-* ``data``: scored prompts jsonl -> validated, seeded subsample -> train / calib / test parquet;
+* ``data``: labelled and / or scored prompts (any records source; scores per model on a declared scale)
+  -> validated, seeded subsample -> train / calib / test parquet;
 * ``train``: TRL SFT (assistant-only loss, EOS) under DeepSpeed ZeRO-3 or plain, resumable;
 * ``consolidate``: a ZeRO-3 checkpoint -> one HF safetensors model folder (``zero_to_fp32``);
 * ``score``: label-token logits at the answer position -> P([[k]]), expected score, P(weak ok);

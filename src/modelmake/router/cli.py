@@ -16,8 +16,11 @@ def cmd_data(a) -> None:
 
     out = {"train": a.train, "calib": a.calib, "test": a.test}
     stats = write_splits(a.inputs, out, a.stats, n_sample=a.n_sample, calib=a.calib_share, test=a.test_share,
-                         seed=a.seed, config=json.loads(a.config), fields=json.loads(a.fields))
+                         seed=a.seed, config=json.loads(a.config), fields=json.loads(a.fields),
+                         scores=json.loads(a.scores), system=a.system)
     logging.info("router data: %s", {k: v["records"] for k, v in stats.items()})
+    if not stats["test"]["records"]:
+        logging.info("router.split.test is 0: no test split, routing is not evaluated")
 
 
 def cmd_train(a) -> None:
@@ -128,6 +131,8 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="{}")
     p.add_argument("--fields", default="{}", help="JSON {canonical name: name in the source} (router.fields)")
+    p.add_argument("--scores", default="{}", help="JSON of router.scores: weak / strong model names, scale, labels")
+    p.add_argument("--system", default=None, help="router.system: the instruction of records without messages")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("router-train", help="SFT a router (TRL; DeepSpeed ZeRO-3 when --scale names a config)")

@@ -93,13 +93,20 @@ def summarize(points: list[dict], q_weak: float, q_strong: float) -> dict:
 
 
 def evaluate_scores(df, *, points: int = default("router.evaluate.points"),
-                    calibration: dict | None = None) -> dict:
+                    calibration: dict | None = None, name: str = "the scored test set") -> dict:
     """Metrics of a scored test set (columns p_weak_ok, expected_score, weak_score, strong_score)."""
     import numpy as np
 
+    if df.empty:
+        raise UserError(f"{name} has no prompts (router.split.test: 0 makes no test split): nothing to evaluate "
+                        "routing on; set router.split.test above 0 with records that carry both models' scores")
     for col in ("p_weak_ok", "weak_score", "strong_score"):
         if col not in df or df[col].isna().any():
-            raise UserError(f"the scored test set needs a complete {col!r} column to evaluate routing")
+            n = len(df) if col not in df else int(df[col].isna().sum())
+            fix = ("score it with router-score" if col == "p_weak_ok" else
+                   "every test record needs the weak and the strong model's score (weak_score / strong_score, or "
+                   "router.scores.weak / strong naming the models); router-data draws the test split from such records")
+            raise UserError(f"{name}: {n} of {len(df)} prompts have no {col!r}, which evaluating routing needs; {fix}")
     w, g = df["weak_score"].to_numpy(float), df["strong_score"].to_numpy(float)
     q_weak, q_strong = float(w.mean()), float(g.mean())
     if not q_strong > q_weak:
@@ -165,7 +172,7 @@ def evaluate_file(scored: str | Path, metrics_path: str | Path, png: str | Path,
 
     df = pd.read_parquet(scored)
     cal = read_json(calibration) if calibration else None
-    metrics = evaluate_scores(df, points=points, calibration=cal)
+    metrics = evaluate_scores(df, points=points, calibration=cal, name=str(scored))
     metrics["config"] = config or {}
     write_json(metrics_path, _finite(metrics))
     plot(metrics, png)

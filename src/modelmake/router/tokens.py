@@ -18,6 +18,22 @@ LABEL_TOKENS = [f"[[{k}]]" for k in range(1, 6)]
 LABEL_RE = re.compile(r"^\[\[([1-5])\]\]$")
 ROUTER_JSON = "router.json"  # in a router model folder: system instruction and label tokens
 
+# The source document's instruction: the system turn of a record that comes without messages (only a
+# prompt and scores) when no record carries messages and router.system is not set.
+SOURCE_SYSTEM = (
+    "[Instruction]\nBased on the question provided below, predict the score an expert evaluator would give "
+    "to an AI assistant's response, considering its helpfulness, relevance, adherence to facts, depth, creativity, "
+    "and detail. Your prediction should infer the level of proficiency needed to address the question effectively. "
+    "Use a scale from 1 to 5, where a higher score indicates a higher anticipated quality of response. Provide your "
+    "prediction as: \"[[predicted rating]]\".\n\n"
+    "Score criteria:\n"
+    "- **4-5**: The AI assistant can produce a very strong answer, showing deep understanding, creativity, detailed "
+    "insight, and high relevance.\n"
+    "- **3**: The AI assistant can provide an adequate answer with moderate detail, relevance, and factual accuracy.\n"
+    "- **1-2**: The AI assistant will struggle to produce a strong answer due to the question's difficulty, vagueness, or "
+    "the assistant's limitations.\n"
+)
+
 
 def user_message(prompt: str) -> str:
     return f"[Question]\n{prompt}\n\nPrediction:\n"
@@ -26,6 +42,11 @@ def user_message(prompt: str) -> str:
 def prompt_messages(prompt: str, system: str) -> list[dict[str, str]]:
     """The conversation the router scores: system instruction and question, no answer yet."""
     return [{"role": "system", "content": system}, {"role": "user", "content": user_message(prompt)}]
+
+
+def conversation(prompt: str, system: str, label: int) -> list[dict[str, str]]:
+    """The training conversation of a prompt whose label is known: system, question, ``[[label]]``."""
+    return prompt_messages(prompt, system) + [{"role": "assistant", "content": LABEL_TOKENS[label - 1]}]
 
 
 def label_of(answer: str) -> int | None:
