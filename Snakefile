@@ -15,13 +15,25 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
+# snakemake --report: this overview, then a section per pipeline (rules/common.smk report_item).
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/assets.smk"
 include: "rules/data.smk"
 
 
-# A pipeline is built if and only if its section is in the config. Each rules/<pipeline>.smk adds
-# its targets to TARGETS. Pseudo-labels come first: distillation may train on them.
+# A pipeline is built if and only if its section is in the config. Every present pipeline's helpers
+# (rules/functions/<pipeline>.smk: its paths) come before any of its rules: a model role may name a
+# model another pipeline builds (models.<role>.built), and rules/common.smk's model_dir maps it to
+# that pipeline's path. Each rules/<pipeline>.smk adds its targets to TARGETS.
+for pipeline in PIPELINES:
+    if pipeline in config:
+
+        include: f"rules/functions/{pipeline}.smk"
+
+
 for pipeline in PIPELINES:
     if pipeline in config:
 

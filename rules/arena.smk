@@ -1,9 +1,7 @@
 # Arena: a pairwise preference classifier in three stages, ensemble soft pseudo-labels,
 # response pairs generated through the serving pools, fp16 submission export, held-out report.
 # Included only when the config has an arena section.
-
-include: "functions/arena.smk"
-
+# Its paths and input functions: rules/functions/arena.smk (the Snakefile includes them first).
 
 TARGETS += arena_targets()
 
@@ -131,12 +129,8 @@ rule arena_train:
         model=directory(arena_model("{arena_stage}", "{base}")),
         eval=arena_path("eval", "{arena_stage}", "{base}.parquet"),
         metrics=arena_path("eval", "{arena_stage}", "{base}.json"),
-        loss=report(
-            arena_path("eval", "{arena_stage}", "{base}.loss.png"),
-            caption="../report/arena_loss.rst",
-            category="Arena",
-            subcategory="Training",
-        ),
+        loss=report_item(arena_path("eval", "{arena_stage}", "{base}.loss.png"), "arena_loss", "arena",
+                         "Training {arena_stage}"),
     params:
         settings=lambda w: arena_stage_settings(w.arena_stage),
         ckpt=lambda w: arena_path("ckpt", w.arena_stage, w.base),
@@ -260,8 +254,8 @@ rule arena_report:
         ensemble=arena_path("submission", "ensemble"),
         labelled=arena_path("data", "labelled.parquet"),
     output:
-        tsv=report(arena_path("eval", "metrics.tsv"), caption="../report/arena_metrics.rst", category="Arena"),
-        png=report(arena_path("eval", "metrics.png"), caption="../report/arena_plot.rst", category="Arena"),
+        tsv=report_item(arena_path("eval", "metrics.tsv"), "arena_metrics", "arena", "Held-out evaluation"),
+        png=report_item(arena_path("eval", "metrics.png"), "arena_plot", "arena", "Held-out evaluation"),
         json=arena_path("eval", "metrics.json"),
     params:
         evals=[f"{s}/{b}={arena_path('eval', s, f'{b}.parquet')}" for s in STAGES for b in AR["bases"]],

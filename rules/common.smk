@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from snakemake.exceptions import WorkflowError  # noqa: E402
 
-from modelmake.config import PIPELINES, role_serve, validate  # noqa: E402
+from modelmake.config import PIPELINES, parse_built, role_serve, validate  # noqa: E402
 from modelmake.errors import ConfigError  # noqa: E402
 from modelmake.launch import launch_command, scale_resources, world_size  # noqa: E402
 from modelmake.records import is_hub  # noqa: E402
@@ -64,22 +64,58 @@ def asset_model(name):
     return results("assets", "models", name)
 
 
+def built_model_dir(ref):
+    """The folder a pipeline writes for a built-model reference (models.<role>.built, parsed and checked
+    by modelmake.config.parse_built): the one map from references to paths, through each pipeline's
+    own path helper (rules/functions/<pipeline>.smk, included before any rule)."""
+    pipeline, at = parse_built(config, ref)
+    if pipeline == "selfplay":
+        return sp_path(f"iter{at['iteration']}", "model")
+    if pipeline == "distill":
+        return distill_path(f"stage{at['stage']}", "model")
+    if pipeline == "router":
+        return router_path("model")
+    return arena_model(f"stage{at['stage']}", at["base"])
+
+
 def model_dir(role):
-    """The folder of a model role: a built demo asset or a path from config."""
+    """The folder of a model role: a built demo asset, a model a pipeline builds, or a path from config."""
     m = config["models"][role]
-    return asset_model(m["asset"]) if "asset" in m else m["path"]
+    if "asset" in m:
+        return asset_model(m["asset"])
+    return built_model_dir(m["built"]) if "built" in m else m["path"]
 
 
 def model_inputs(role):
-    """Inputs that make a model role: the asset folder when the workflow builds it, else nothing."""
+    """Inputs that make a model role: the folder when the workflow builds it (a demo asset, or a model
+    of a pipeline: the edge from its rule), else nothing (a path from config)."""
     m = config["models"][role]
-    return [asset_model(m["asset"])] if "asset" in m else []
+    return [model_dir(role)] if "asset" in m or "built" in m else []
 
 
 def model_source(role):
-    """What identifies a model role's weights, for rerun triggers and provenance."""
+    """What identifies a model role's weights, for rerun triggers and provenance. A built model is named
+    by its reference and folder; its weights' changes reach consumers as input changes (and the
+    generation journal's fingerprint holds its manifest's digest: modelmake generate)."""
     m = config["models"][role]
-    return {"asset": m["asset"], **config["assets"]["models"][m["asset"]]} if "asset" in m else {"path": m["path"]}
+    if "asset" in m:
+        return {"asset": m["asset"], **config["assets"]["models"][m["asset"]]}
+    if "built" in m:
+        return {"built": m["built"], "path": built_model_dir(m["built"])}
+    return {"path": m["path"]}
+
+
+# snakemake --report: a section (category) per pipeline, in the order of PIPELINES; captions in
+# report/<name>.rst say what each figure or table shows and what to look for.
+REPORT_SECTIONS = {"pseudo_labels": "Pseudo-labels", "router": "Router", "selfplay": "Self-play",
+                   "arena": "Arena", "distill": "Distillation"}
+
+
+def report_item(path, caption, pipeline, subcategory):
+    """``path`` flagged for the report under its pipeline's section and ``subcategory`` (wildcards
+    allowed, e.g. "Iteration {it}"), captioned by report/<caption>.rst."""
+    return report(path, caption=f"../report/{caption}.rst", category=REPORT_SECTIONS[pipeline],
+                  subcategory=subcategory)
 
 
 def as_json(obj):

@@ -1,9 +1,7 @@
 # Distillation: data -> hybrid student init -> stage 1 (hidden states) -> stage 2 (KL + CE)
 # -> held-out evaluation. Each stage job supervises its teacher processes and trainer ranks.
 # Included only when the config has a distill section.
-
-include: "functions/distill.smk"
-
+# Its paths and input functions: rules/functions/distill.smk (the Snakefile includes them first).
 
 TARGETS += distill_targets()
 
@@ -89,7 +87,7 @@ rule distill_stage:
         deepspeed=[DI["scale"]["deepspeed"]] if DI["scale"]["deepspeed"] else [],
     output:
         model=directory(distill_path("stage{n}", "model")),
-        plot=report(distill_path("stage{n}", "loss.png"), caption="../report/distill_loss.rst", category="distill"),
+        plot=report_item(distill_path("stage{n}", "loss.png"), "distill_loss", "distill", "Training stage {n}"),
         history=distill_path("stage{n}", "history.json"),
     params:
         teacher=lambda w: model_dir(DI["teacher"]),
@@ -128,10 +126,8 @@ rule distill_eval:
         web=distill_path("data", "web", "eval.parquet"),
         teacher=model_inputs(DI["teacher"]),
     output:
-        metrics=report(distill_path("eval", "metrics.json"), caption="../report/distill_metrics.rst",
-                       category="distill"),
-        plot=report(distill_path("eval", "perplexity.png"), caption="../report/distill_metrics.rst",
-                    category="distill"),
+        metrics=report_item(distill_path("eval", "metrics.json"), "distill_metrics", "distill", "Held-out evaluation"),
+        plot=report_item(distill_path("eval", "perplexity.png"), "distill_plot", "distill", "Held-out evaluation"),
     params:
         teacher=lambda w: model_dir(DI["teacher"]),
         settings=as_json(DI["eval"]),

@@ -2,9 +2,7 @@
 # model -> label-token scores -> calibrated threshold -> cost/quality evaluation.
 # Logic in modelmake.router; only wiring here.
 # Included only when the config has a router section.
-
-include: "functions/router.smk"
-
+# Its paths and input functions: rules/functions/router.smk (the Snakefile includes them first).
 
 TARGETS += router_targets()
 
@@ -147,10 +145,8 @@ rule router_evaluate:
         scored=router_path("scores", "test.parquet"),
         calibration=router_path("route", "calibration.json"),
     output:
-        metrics=report(router_path("eval", "metrics.json"), caption="../report/router_metrics.rst",
-                       category="Router"),
-        plot=report(router_path("eval", "curve.png"), caption="../report/router_curve.rst",
-                    category="Router"),
+        metrics=report_item(router_path("eval", "metrics.json"), "router_metrics", "router", "Held-out evaluation"),
+        plot=report_item(router_path("eval", "curve.png"), "router_curve", "router", "Held-out evaluation"),
     params:
         points=ROUTER["evaluate"]["points"],
         config=as_json({"evaluate": ROUTER["evaluate"], "route": ROUTER["route"]}),

@@ -2,9 +2,7 @@
 # rule: leased vLLM pool, resumable client) -> KTO pairs -> KTO with an nnPU prior -> held-out metrics.
 # Iteration t generates with, starts from and is regularised towards iteration t-1's model.
 # Included only when the config has a selfplay section (iterations: 0 builds nothing).
-
-include: "functions/selfplay.smk"
-
+# Its paths and input functions: rules/functions/selfplay.smk (the Snakefile includes them first).
 
 TARGETS += sp_targets()
 
@@ -105,7 +103,7 @@ rule selfplay_train:
         deepspeed=[SP["scale"]["deepspeed"]] if SP["scale"]["deepspeed"] else [],
     output:
         model=directory(sp_path("iter{it}", "model")),
-        loss=report(sp_path("iter{it}", "loss.png"), caption="../report/selfplay_loss.rst", category="Self-play"),
+        loss=report_item(sp_path("iter{it}", "loss.png"), "selfplay_loss", "selfplay", "Training iteration {it}"),
     params:
         start=lambda w: sp_start_model(int(w.it)),
         settings=lambda w: as_json(sp_settings(int(w.it))["train"]),
@@ -166,8 +164,8 @@ rule selfplay_plot:
     input:
         [sp_path(f"iter{t}", "eval.json") for t in range(SP["iterations"])],
     output:
-        plot=report(sp_path("metrics.png"), caption="../report/selfplay_metrics.rst", category="Self-play"),
-        table=report(sp_path("metrics.json"), caption="../report/selfplay_metrics.rst", category="Self-play"),
+        plot=report_item(sp_path("metrics.png"), "selfplay_plot", "selfplay", "Held-out evaluation"),
+        table=report_item(sp_path("metrics.json"), "selfplay_metrics", "selfplay", "Held-out evaluation"),
     log:
         log_path("selfplay", "plot.log"),
     threads: job_threads("data")

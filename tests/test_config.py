@@ -472,3 +472,100 @@ def test_vllm_args_may_not_set_what_the_pool_sets_naming_the_key(config):
     assert "models.teacher.serve.vllm_args: --port=8000 is set by the pool" in msg
     assert "models.teacher.serve.vllm_args: --dtype is set by the pool; set models.teacher.serve.dtype instead" in msg
     assert "--max-num-seqs" not in msg
+
+
+# --- models a pipeline builds (models.<role>.built)
+
+def test_a_role_may_name_a_model_a_pipeline_of_the_config_builds(config):
+    config["models"]["policy"] = {"built": "selfplay/iter1"}
+    config["models"]["last"] = {"built": "selfplay"}
+    config["arena"]["response_pairs"]["generators"] = ["policy", "arena_b"]
+    config["models"]["router_base"] = {"built": "selfplay/iter0"}
+    config["models"]["trained_router"] = {"built": "router"}  # not used by any section: allowed
+    config["models"]["student"] = {"built": "distill/stage1"}
+    config["models"]["judge"] = {"built": "arena/stage3/arena_b"}
+    out = validate(config)
+    assert out["models"]["policy"] == {"built": "selfplay/iter1"}
+    from modelmake.config import parse_built
+
+    assert parse_built(out, "selfplay") == ("selfplay", {"iteration": 1})  # the last of 2 iterations
+    assert parse_built(out, "distill") == ("distill", {"stage": 2})
+    assert parse_built(out, "arena/stage3/arena_b") == ("arena", {"stage": 3, "base": "arena_b"})
+
+
+@pytest.mark.parametrize("ref,expected", [
+    ("selfplay/iter2", "models.policy.built: 'selfplay/iter2': there is no iter2: selfplay.iterations is 2 (iter0..iter1)"),
+    ("selfplay/2", "models.policy.built: 'selfplay/2': '2' is not iter<n>"),
+    ("distill/stage3", "models.policy.built: 'distill/stage3': there is no stage3: distillation has stage0"),
+    ("arena/stage1/arena_c", "models.policy.built: 'arena/stage1/arena_c': 'arena_c' is not one of arena.bases"),
+    ("arena/stage1", "models.policy.built: 'arena/stage1': give arena/stage<1|2|3>/<base>"),
+    ("router/model", "models.policy.built: 'router/model': the router builds one model; give router"),
+    ("assets/tiny-llama", "models.policy.built: 'assets/tiny-llama': no pipeline 'assets' builds models"),
+])
+def test_a_built_model_reference_is_checked_at_config_time(config, ref, expected):
+    config["models"]["policy"] = {"built": ref}
+    assert expected in problems(config)
+
+
+def test_a_built_model_needs_its_pipelines_section(config):
+    del config["router"]
+    config["models"]["policy"] = {"built": "router"}
+    msg = problems(config)
+    assert "models.policy.built: 'router' names a model the router pipeline builds, but the config has no " \
+           "router section" in msg
+
+
+def test_a_role_gives_exactly_one_of_asset_path_built(config):
+    config["models"]["teacher"] = {"asset": "tiny-llama", "built": "router"}
+    assert "models.teacher: give exactly one of asset, path, built" in problems(config)
+
+
+def test_the_distilled_student_is_refused_where_vllm_would_serve_it(config):
+    config["models"]["student"] = {"built": "distill/stage2"}
+    config["pseudo_labels"]["teacher"] = "student"
+    msg = problems(config)
+    assert ("models.student.built: 'distill/stage2' is the distilled RWKV-hybrid student, which vLLM cannot "
+            "serve; pseudo_labels.teacher names student") in msg
+
+
+@pytest.mark.parametrize("use,expected", [
+    ("router.base", "is the distilled RWKV-hybrid student, whose model code only distillation loads"),
+    ("arena.bases", "is the distilled RWKV-hybrid student, which has no sequence-classification head"),
+    ("selfplay.sft_model", "which vLLM cannot serve; selfplay.sft_model names student"),
+])
+def test_the_distilled_student_is_refused_by_every_pipeline_that_would_load_it(config, use, expected):
+    config["models"]["student"] = {"built": "distill"}
+    section, key = use.split(".")
+    if key == "bases":
+        config["arena"]["bases"] = ["student", "arena_b"]
+        config["arena"]["pseudo"]["weights"] = {"student": 0.5, "arena_b": 0.5}
+    else:
+        config[section][key] = "student"
+    assert expected in problems(config)
+
+
+def test_an_arena_classifier_is_not_served_or_trained_as_a_causal_lm(config):
+    config["models"]["clf"] = {"built": "arena/stage3/arena_a"}
+    config["selfplay"]["sft_model"] = "clf"
+    config["router"]["base"] = "clf"
+    msg = problems(config)
+    assert "models.clf.built: 'arena/stage3/arena_a' is an arena pairwise classifier" in msg
+    assert "which vLLM cannot serve; selfplay.sft_model names clf" in msg
+    assert "not a causal LM; router.base names clf" in msg
+
+
+def test_a_pipeline_cannot_start_from_its_own_model(config):
+    config["models"]["sft"] = {"built": "selfplay/iter0"}
+    msg = problems(config)
+    assert ("models: the selfplay pipeline would need its own results (selfplay.sft_model is models.sft, built "
+            "by selfplay)") in msg
+
+
+def test_pipelines_cannot_need_each_others_models_in_a_cycle(config):
+    config["models"]["sft"] = {"built": "router"}
+    config["models"]["router_base"] = {"built": "selfplay/iter1"}
+    msg = problems(config)
+    assert "would need its own results" in msg
+    assert "selfplay.sft_model is models.sft, built by router" in msg
+    assert "router.base is models.router_base, built by selfplay" in msg
+    assert msg.count("would need its own results") == 1  # one cycle, reported once

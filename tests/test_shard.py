@@ -122,8 +122,12 @@ def test_every_shard_file_exists_even_when_empty(tmp_path):
     parquet = write_parquet(tmp_path / "in.parquet", make_rows(2))
     layout = write_partition(parquet, tmp_path / "out", 0, 1, 8)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [shard_name(s) for s in range(8)] + ["layout.json"])
+        [shard_name(s) for s in range(8)] + ["layout.json", "provenance.json"])
     assert sum(layout["records"]) == 2
+    from modelmake.files import read_provenance, sha256_file
+
+    prov = read_provenance(tmp_path / "out")  # the folder's record: what its shards came from
+    assert prov["inputs"] == {str(parquet): sha256_file(parquet)} and prov["counts"]["records"] == 2
     assert layout["records"].count(0) >= 6
 
 

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+import modelmake.files as files
 import modelmake.training as training
 from modelmake.training import (
     CHECKPOINT_MARKER, MANIFEST, checkpoint_key, finish_model_folder, input_digest, new_model_folder,
@@ -65,8 +66,8 @@ def test_a_model_folder_is_keyed_by_its_manifest_without_rehashing_its_files(tmp
     def no_rehash(*args, **kwargs):
         raise AssertionError("a model folder with a manifest was hashed again")
 
-    monkeypatch.setattr(training, "sha256_tree", no_rehash)
-    monkeypatch.setattr(training, "sha256_file", no_rehash)
+    monkeypatch.setattr(files, "sha256_tree", no_rehash)  # files.content_digest does the hashing
+    monkeypatch.setattr(files, "sha256_file", no_rehash)
     assert input_digest(first) == training._json_digest(json.loads((first / MANIFEST).read_text()))
     assert checkpoint_key({}, [first]) != checkpoint_key({}, [other])  # other weights, other manifest
 

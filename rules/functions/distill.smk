@@ -40,5 +40,9 @@ def distill_processes():
 
 
 def distill_targets():
-    """The evaluation of the distillation run (it needs every stage)."""
+    """The evaluation of the distillation run (it needs every stage). None on a machine that builds only
+    some pseudo-label partitions (pseudo_labels.build_partitions) when the distillation trains on the
+    labels: like the merge, it runs where every partition is (build_partitions: null)."""
+    if DI["chat"].get("pseudo_labels") and PL["build_partitions"] is not None:
+        return []
     return [distill_path("eval", "metrics.json"), distill_path("eval", "perplexity.png")]

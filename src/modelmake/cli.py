@@ -29,6 +29,15 @@ def cmd_check_config(a) -> None:
     print(f"{a.config}: ok")
 
 
+def cmd_trace(a) -> None:
+    from modelmake.files import format_trace, trace
+
+    if not Path(a.artifact).exists():
+        raise UserError(f"{a.artifact}: no such file or folder (give an artifact's path, e.g. under results/)")
+    tree = trace(a.artifact, root=a.root, max_depth=a.depth)
+    print(json.dumps(tree, indent=2, ensure_ascii=False, default=str) if a.json else format_trace(tree))
+
+
 def cmd_reformat(a) -> None:
     from modelmake.reformat import reformat_files
 
@@ -59,11 +68,14 @@ def cmd_serve(a) -> None:
 def cmd_generate(a) -> None:
     import socket
 
-    from modelmake.generate import GenerateSettings, generate_shard
+    import time
+
+    from modelmake.generate import GenerateSettings, generate_shard, served_model_source, write_generation_provenance
     from modelmake.serve import PoolSpec, lease
 
     spec = PoolSpec(**json.loads(a.pool_spec))
     opts = json.loads(a.settings)
+    opts["teacher_source"] = served_model_source(opts.get("teacher_source"), spec.model)
     host = socket.gethostname()  # one pool per partition and host: leases are local processes
 
     @contextlib.contextmanager
@@ -73,7 +85,9 @@ def cmd_generate(a) -> None:
             yield proxy  # its url and api_key
 
     settings = GenerateSettings.from_dict(spec.served_name, opts)
-    generate_shard(a.shard, a.out, server, settings)
+    started = time.time()
+    counts = generate_shard(a.shard, a.out, server, settings)
+    write_generation_provenance(a.out, a.shard, spec.model, settings, counts, started)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,6 +99,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file against the schema")
     p.add_argument("config")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("trace", help="where an artifact came from: its provenance's inputs, back across pipelines")
+    p.add_argument("artifact", help="a file or folder the workflow wrote")
+    p.add_argument("--root", default=None, help="the folder the recorded paths are relative to (default: here)")
+    p.add_argument("--depth", type=int, default=64, help="follow inputs this many levels back")
+    p.add_argument("--json", action="store_true", help="the whole tree with every record, as JSON")
+    p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("reformat", help="raw chat records (any format modelmake reads) -> {id, messages} parquet")
     p.add_argument("inputs", nargs="+", help="files, datasets folders or hf:// ids (modelmake.records)")

@@ -266,6 +266,11 @@ def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool =
         problems += _ref_problems(config, at, value, ref, parent)
     for at, _, source, _ in _annotated(schema, config, schema, "x-from", types=(object,)):
         problems.append(f"{key_path(at)}: set by {source}; remove it here")
+    for at, value, _, _ in _annotated(schema, config, schema, "x-built"):
+        try:
+            parse_built(config, value)
+        except ValueError as e:
+            problems.append(f"{key_path(at)}: {e}")
     problems += _cross_checks(config)
     if check_paths:
         from modelmake.records import source_problem
@@ -365,6 +370,7 @@ def _cross_checks(c: dict) -> list[str]:
 
         out += cross_checks(c)
     out += _distill_checks(c) + _router_checks(c) + _selfplay_checks(c) + _scale_checks(c) + _vllm_args_checks(c)
+    out += _built_model_checks(c)
     return out
 
 
@@ -480,3 +486,158 @@ def _selfplay_checks(c: dict) -> list[str]:
     if sp and len(sp["per_iteration"]) > sp["iterations"]:
         return [f"selfplay.per_iteration: {len(sp['per_iteration'])} entries for {sp['iterations']} iterations"]
     return []
+
+
+# --- built models: a model role naming a model that a pipeline of this config builds
+# (models.<role>.built, schema x-built). The workflow maps a reference to the folder its pipeline
+# writes (rules/common.smk built_model_dir, through each pipeline's own path helper), so the DAG has
+# the edge from the producing rule to every consumer.
+
+# What each pipeline's models are, for the roles that use them: a plain causal LM (vLLM serves it,
+# transformers loads it without remote code), the distilled RWKV-hybrid student (its own model code),
+# or the arena's pairwise classifiers (a score head, no LM head).
+BUILT_KINDS = {"selfplay": "causal_lm", "router": "causal_lm", "distill": "hybrid", "arena": "classifier"}
+BUILT_FORMS = ("selfplay/iter<t> (or selfplay: the last iteration), distill/stage<0|1|2> (or distill: "
+               "stage 2), router, arena/stage<1|2|3>/<base>")
+
+
+def parse_built(c: dict, ref: str) -> tuple[str, dict]:
+    """``(pipeline, where)`` of a built-model reference (models.<role>.built): ``selfplay/iter1`` ->
+    ``("selfplay", {"iteration": 1})``, ``distill`` -> ``("distill", {"stage": 2})``, ``router`` ->
+    ``("router", {})``, ``arena/stage3/arena_a`` -> ``("arena", {"stage": 3, "base": "arena_a"})``.
+
+    ValueError (its text for the config error) when the form is unknown, the pipeline has no section
+    in ``c`` or the iteration, stage or base does not exist there."""
+    if not isinstance(ref, str):
+        raise ValueError(f"{ref!r} is not a reference; give one of {BUILT_FORMS}")
+    pipeline, *rest = ref.strip("/").split("/")
+    if pipeline not in BUILT_KINDS:
+        raise ValueError(f"{ref!r}: no pipeline {pipeline!r} builds models; give one of {BUILT_FORMS}")
+    section = c.get(pipeline)
+    if not isinstance(section, dict):
+        raise ValueError(f"{ref!r} names a model the {pipeline} pipeline builds, but the config has no "
+                         f"{pipeline} section; add it or name another model")
+
+    def number(part: str, prefix: str, allowed: range, what: str) -> int:
+        if not (part.startswith(prefix) and part[len(prefix):].isdigit()):
+            raise ValueError(f"{ref!r}: {part!r} is not {prefix}<n>; give one of {BUILT_FORMS}")
+        n = int(part[len(prefix):])
+        if n not in allowed:
+            raise ValueError(f"{ref!r}: there is no {prefix}{n}: {what}")
+        return n
+
+    if pipeline == "selfplay":
+        iterations = section.get("iterations", 0)
+        if iterations < 1:
+            raise ValueError(f"{ref!r}: selfplay.iterations is {iterations}, so self-play builds no model")
+        if len(rest) > 1:
+            raise ValueError(f"{ref!r}: give selfplay/iter<t> or selfplay")
+        t = (number(rest[0], "iter", range(iterations), f"selfplay.iterations is {iterations} "
+                    f"(iter0..iter{iterations - 1})") if rest else iterations - 1)
+        return pipeline, {"iteration": t}
+    if pipeline == "distill":
+        if len(rest) > 1:
+            raise ValueError(f"{ref!r}: give distill/stage<0|1|2> or distill")
+        n = number(rest[0], "stage", range(3), "distillation has stage0 (the initialised student), "
+                   "stage1 and stage2") if rest else 2
+        return pipeline, {"stage": n}
+    if pipeline == "router":
+        if rest:
+            raise ValueError(f"{ref!r}: the router builds one model; give router")
+        return pipeline, {}
+    if len(rest) != 2:
+        raise ValueError(f"{ref!r}: give arena/stage<1|2|3>/<base>")
+    stage = number(rest[0], "stage", range(1, 4), "the arena trains stage1, stage2 and stage3")
+    if rest[1] not in section.get("bases", []):
+        raise ValueError(f"{ref!r}: {rest[1]!r} is not one of arena.bases {section.get('bases')}")
+    return pipeline, {"stage": stage, "base": rest[1]}
+
+
+def model_uses(c: dict) -> list[tuple[str, str, str]]:
+    """Every use of a model role by the sections present: ``(config key, role, how)``, how being
+    ``serve`` (a vLLM pool generates with it; self-play also trains from it), ``causal_lm`` (training
+    or teaching loads it with transformers' AutoModelForCausalLM) or ``classifier`` (the arena puts a
+    score head on it)."""
+    uses = []
+    if "pseudo_labels" in c:
+        uses.append(("pseudo_labels.teacher", c["pseudo_labels"]["teacher"], "serve"))
+    if "selfplay" in c:
+        uses.append(("selfplay.sft_model", c["selfplay"]["sft_model"], "serve"))
+    if "arena" in c:
+        uses += [(f"arena.bases[{i}]", b, "classifier") for i, b in enumerate(c["arena"]["bases"])]
+        uses += [(f"arena.response_pairs.generators[{i}]", g, "serve")
+                 for i, g in enumerate(c["arena"]["response_pairs"]["generators"])]
+    if "router" in c:
+        uses.append(("router.base", c["router"]["base"], "causal_lm"))
+    if "distill" in c:
+        uses.append(("distill.teacher", c["distill"]["teacher"], "causal_lm"))
+    return uses
+
+
+def built_by(c: dict, role: str) -> str | None:
+    """The pipeline that builds model role ``role`` (models.<role>.built), None for an asset or a path."""
+    m = c["models"].get(role)
+    if not isinstance(m, dict) or "built" not in m:
+        return None
+    try:
+        return parse_built(c, m["built"])[0]
+    except ValueError:
+        return None  # reported at the reference
+
+
+_REFUSED = {
+    ("hybrid", "serve"): "is the distilled RWKV-hybrid student, which vLLM cannot serve",
+    ("hybrid", "causal_lm"): ("is the distilled RWKV-hybrid student, whose model code only distillation "
+                              "loads (it is evaluated in distill/<name>/eval)"),
+    ("hybrid", "classifier"): "is the distilled RWKV-hybrid student, which has no sequence-classification head",
+    ("classifier", "serve"): "is an arena pairwise classifier (a score head, no LM head), which vLLM cannot serve",
+    ("classifier", "causal_lm"): "is an arena pairwise classifier (a score head, no LM head), not a causal LM",
+}
+
+
+def _built_model_checks(c: dict) -> list[str]:
+    """A built model must suit each use of its role, and no pipeline may need a model built from its
+    own results (directly or through other pipelines)."""
+    out = []
+    for key, role, how in model_uses(c):
+        m = c["models"].get(role)
+        pipeline = built_by(c, role)
+        if pipeline is None:
+            continue
+        why = _REFUSED.get((BUILT_KINDS[pipeline], how))
+        if why:
+            out.append(f"models.{role}.built: {m['built']!r} {why}; {key} names {role}. Name a self-play "
+                       f"iteration, the router, an asset or a path there instead")
+    # the pipelines' dependencies through built models (and distillation's on the pseudo-labels)
+    needs: dict[str, list[tuple[str, str]]] = {}
+    for key, role, _ in model_uses(c):
+        pipeline = built_by(c, role)
+        if pipeline is not None:
+            needs.setdefault(key.split(".")[0], []).append((pipeline, f"{key} is models.{role}, built by {pipeline}"))
+    if c.get("distill", {}).get("chat", {}).get("pseudo_labels") and "pseudo_labels" in c:
+        needs.setdefault("distill", []).append(("pseudo_labels", "distill.chat.pseudo_labels trains on the pseudo-labels"))
+    reported = set()
+    for start in needs:
+        path = _cycle_from(start, needs)
+        if path and frozenset(p for p, _ in path) not in reported:
+            reported.add(frozenset(p for p, _ in path))
+            chain = "; ".join(why for _, why in path)
+            out.append(f"models: the {path[0][0]} pipeline would need its own results ({chain}): "
+                       "a model cannot be built from itself; name a model of another pipeline, an asset or a path")
+    return out
+
+
+def _cycle_from(start: str, needs: dict) -> list[tuple[str, str]] | None:
+    """The first chain of (pipeline, why) edges from ``start`` back to ``start``, or None."""
+    stack = [(start, [])]
+    seen = set()
+    while stack:
+        node, path = stack.pop()
+        for nxt, why in needs.get(node, []):
+            step = path + [(node, why)]
+            if nxt == start:
+                return step
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, step))
+    return None

@@ -9,7 +9,8 @@ complete and two writers of one path never share a temporary file.
 * :func:`save_figure`: a matplotlib figure as PNG, atomically (:func:`pyplot` gives the Agg pyplot);
 * :func:`digest`, :func:`stable_hash`, :func:`sha256_file`, :func:`sha256_tree`: the hashes;
 * :func:`provenance_record`, :func:`write_provenance`, :func:`read_provenance`: what made an
-  artifact (config slice, code version, input hashes, counts, wall time).
+  artifact (config slice, code version, input hashes, counts, wall time); :func:`trace` follows the
+  inputs' records back across pipelines (``python -m modelmake trace <artifact>``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from modelmake import __version__
 
 PROVENANCE_KEY = b"modelmake.provenance"  # the parquet schema metadata key of the provenance record
 PROVENANCE_JSON = "provenance.json"  # in a model folder; a file's sidecar is ``<file>.provenance.json``
+MANIFEST = "manifest.json"  # in a finished model folder, written last: every file's size and sha256
 
 
 def _fresh_sibling(path: Path, make: Callable[[Path], Any]) -> tuple[Path, Any]:
@@ -180,11 +182,21 @@ def code_version() -> str:
         return __version__
 
 
-def _input_digest(path: str | os.PathLike) -> str:
-    """sha256_tree of an input; a hub dataset id (modelmake.records) is not a path and is not hashed."""
+def content_digest(path: str | os.PathLike) -> str:
+    """What an input holds, as one sha256: a folder modelmake finished (a model folder: it has
+    ``manifest.json``, written last, with every file's sha256) by its manifest (the sha256 of its JSON,
+    keys sorted), not by hashing its weights again; a file by its bytes; any other folder by its files'
+    names and bytes (:func:`sha256_tree`). A hub dataset id (modelmake.records) is not a path and is
+    not hashed."""
     from modelmake.records import is_hub
 
-    return "hub dataset: not hashed" if is_hub(path) else sha256_tree(path)
+    if is_hub(path):
+        return "hub dataset: not hashed"
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        text = json.dumps(read_json(path / MANIFEST), sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+    return sha256_tree(path)
 
 
 def provenance_record(
@@ -194,11 +206,16 @@ def provenance_record(
     counts: dict | None = None,
     started: float | None = None,
 ) -> dict:
-    """What made an artifact: config slice, code version, input hashes, counts, wall time."""
+    """What made an artifact: config slice, code version, the artifacts it came from (each input's
+    path, as the job saw it, and :func:`content_digest`), counts, wall time. An input's own record
+    (:func:`read_provenance`) names its inputs in turn: :func:`trace` follows them back.
+
+    Name every artifact the job read, models included (a model folder costs only its manifest's hash).
+    """
     return {
         "code_version": code_version(),
         "config": config,
-        "inputs": {str(p): _input_digest(p) for p in inputs},
+        "inputs": {str(p): content_digest(p) for p in inputs},
         "counts": counts or {},
         "wall_seconds": round(time.time() - started, 3) if started else None,
     }
@@ -242,6 +259,78 @@ def read_provenance(path: str | os.PathLike) -> dict:
                 return json.loads(meta[PROVENANCE_KEY])
         sidecar = path.with_name(f"{path.name}.{PROVENANCE_JSON}")
     return read_json(sidecar) if sidecar.is_file() else {}
+
+
+def _own_provenance(path: Path) -> tuple[dict, Path | None]:
+    """An artifact's record (:func:`read_provenance`), or, for a file without one inside a folder
+    written as one artifact (a shard folder, a model folder), that folder's; and where it was found."""
+    record = read_provenance(path)
+    if record or path.is_dir():
+        return record, path if record else None
+    folder_record = path.parent / PROVENANCE_JSON
+    return (read_json(folder_record), path.parent) if folder_record.is_file() else ({}, None)
+
+
+def trace(path: str | os.PathLike, *, root: str | os.PathLike | None = None, max_depth: int = 64) -> dict:
+    """Where an artifact came from, back across pipelines: its provenance record's inputs, theirs in
+    turn, down to files without a record (raw data, a model given by path).
+
+    A node: ``path``, ``digest`` (:func:`content_digest` now; None when the path is gone), ``recorded``
+    (the digest its consumer recorded; absent at the top), ``status`` (``as recorded``, ``changed``,
+    ``missing``), ``record`` (its provenance record less ``inputs``; ``record_of``: the folder whose
+    record it is, when not its own) and ``inputs`` (nodes). Recorded paths are relative to ``root``
+    (default: the working directory, where Snakemake ran the jobs); a path met twice is expanded once."""
+    root = Path(root) if root is not None else Path.cwd()
+    seen: set[str] = set()
+
+    def node(p: str, recorded: str | None, depth: int) -> dict:
+        from modelmake.records import is_hub
+
+        where = Path(p) if Path(p).is_absolute() else root / p
+        out: dict[str, Any] = {"path": p}
+        if is_hub(p):
+            return {**out, "digest": None, "status": "hub dataset: not hashed"}
+        digest_now = content_digest(where) if where.exists() else None
+        out["digest"] = digest_now
+        if recorded is not None:
+            out["recorded"] = recorded
+            out["status"] = ("missing" if digest_now is None else
+                             "as recorded" if digest_now == recorded or recorded.startswith("hub") else "changed")
+        if digest_now is None or depth >= max_depth:
+            return out
+        key = str(where.resolve())
+        if key in seen:
+            return {**out, "inputs": "(expanded above)"}
+        seen.add(key)
+        record, holder = _own_provenance(where)
+        if record:
+            out["record"] = {k: v for k, v in record.items() if k != "inputs"}
+            if holder is not None and holder != where:
+                out["record_of"] = str(holder)
+            out["inputs"] = [node(q, d, depth + 1) for q, d in record.get("inputs", {}).items()]
+        return out
+
+    return node(str(path), None, 0)
+
+
+def format_trace(tree: dict) -> str:
+    """:func:`trace`'s tree as indented lines: path, short digest, status."""
+    lines: list[str] = []
+
+    def walk(n: dict, prefix: str, last: bool, top: bool) -> None:
+        digest_text = (n["digest"] or "")[:12] or "-"
+        status = f", {n['status']}" if "status" in n else ""
+        extra = "" if "record" in n or not n.get("digest") else "  (no provenance: a source)"
+        if n.get("inputs") == "(expanded above)":
+            extra = "  (expanded above)"
+        head = "" if top else prefix + ("└─ " if last else "├─ ")
+        lines.append(f"{head}{n['path']}  [{digest_text}{status}]{extra}")
+        kids = n.get("inputs") if isinstance(n.get("inputs"), list) else []
+        for i, k in enumerate(kids):
+            walk(k, prefix if top else prefix + ("   " if last else "│  "), i == len(kids) - 1, False)
+
+    walk(tree, "", True, True)
+    return "\n".join(lines)
 
 
 def _json_default(obj: Any) -> Any:

@@ -381,3 +381,32 @@ def generate_shard(
             f.write(dumps(results[rid]) + "\n")
     log.info("%s: %s", out, counts)
     return counts
+
+
+def served_model_source(teacher_source: dict | None, model_folder: str | Path) -> dict | None:
+    """What identifies the served weights in the journal's fingerprint: ``teacher_source`` (the rule's
+    ``model_source``), plus the digest of the folder's ``manifest.json`` when modelmake finished it
+    (a model a pipeline builds: a self-play iteration, the router, a ``models.<role>.built``). Such a
+    model keeps its reference and path when it is retrained; the digest makes a journaled record
+    reusable only for the same weights."""
+    from modelmake.files import MANIFEST, content_digest
+
+    if not (Path(model_folder) / MANIFEST).is_file():
+        return teacher_source
+    return {**(teacher_source or {}), "weights": content_digest(model_folder)}
+
+
+def write_generation_provenance(out: str | Path, records: str | Path, model_folder: str | Path,
+                                settings: GenerateSettings, counts: dict, started: float) -> Path:
+    """``<out>.provenance.json`` beside a generated jsonl (files.write_provenance): the settings, the
+    records file and the served model folder with their digests, the counts. A model folder given by
+    path (``teacher_source`` without ``asset`` or ``built``) and without a manifest is named, not
+    hashed: hashing a large model's weights in every generation job costs too much."""
+    from modelmake.files import MANIFEST, write_provenance
+
+    source = settings.teacher_source or {}
+    hashed = (Path(model_folder) / MANIFEST).is_file() or "asset" in source or "built" in source
+    config = {"generation": asdict(settings), "model_folder": str(model_folder),
+              **({} if hashed else {"model_not_hashed": "a model folder given by path, without manifest.json"})}
+    return write_provenance(out, config=config, inputs=[records, *([model_folder] if hashed else [])],
+                            counts=counts, started=started)

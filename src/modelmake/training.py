@@ -32,11 +32,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from modelmake.files import read_json, sha256_file, sha256_tree, write_json, write_provenance
+from modelmake.files import MANIFEST, content_digest, read_json, sha256_file, write_json, write_provenance
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 CHECKPOINT_MARKER = "modelmake-checkpoint.json"  # in a checkpoint folder: the key of the run that wrote it
 
 
@@ -101,13 +100,10 @@ def _json_digest(obj: Any) -> str:
 
 
 def input_digest(path: str | os.PathLike) -> str:
-    """The contents of one input, cheaply: a model folder modelmake finished (it has ``manifest.json``,
-    written last, with every file's sha256) by that manifest, not by hashing its weights again; a
-    file by its bytes; any other folder by its files' names and bytes (``files.sha256_tree``)."""
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        return _json_digest(read_json(path / MANIFEST))
-    return sha256_tree(path)
+    """The contents of one input, cheaply (``files.content_digest``): a model folder modelmake finished
+    (it has ``manifest.json``, written last, with every file's sha256) by that manifest, not by
+    hashing its weights again; a file by its bytes; any other folder by its files' names and bytes."""
+    return content_digest(path)
 
 
 def checkpoint_key(settings: Any, inputs: Iterable[str | os.PathLike] = ()) -> str:

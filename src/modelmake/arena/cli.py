@@ -83,8 +83,13 @@ def cmd_export_ensemble(a) -> None:
 
 def cmd_report(a) -> None:
     from modelmake.arena.report import report
+    from modelmake.files import write_provenance
 
-    report(named(a.evals, "--evals"), a.ensemble, a.labelled, a.valid_fold, a.tsv, a.png, a.json)
+    evals = named(a.evals, "--evals")
+    report(evals, a.ensemble, a.labelled, a.valid_fold, a.tsv, a.png, a.json)
+    for out in (a.tsv, a.json):
+        write_provenance(out, config={"valid_fold": a.valid_fold},
+                         inputs=[*evals.values(), a.ensemble, a.labelled])
 
 
 def add_commands(sub) -> None:

@@ -59,15 +59,20 @@ def cmd_stage(a) -> None:
 
 
 def cmd_eval(a) -> None:
+    import time
+
     from modelmake.config import fill_defaults
     from modelmake.distill.evaluate import evaluate, plot_metrics
+    from modelmake.files import write_provenance
 
     s = fill_defaults("distill.eval", json.loads(a.settings))
     students = dict(x.split("=", 1) for x in a.student)
     evals = dict(x.split("=", 1) for x in a.eval)
+    started = time.time()
     metrics = evaluate(a.teacher, students, evals, a.out, batch_size=s["batch_size"],
                        temperature=s["temperature"], config=s)
     plot_metrics(metrics, a.plot)
+    write_provenance(a.out, config=s, inputs=[a.teacher, *students.values(), *evals.values()], started=started)
 
 
 def add_commands(sub) -> None:

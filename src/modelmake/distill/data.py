@@ -8,7 +8,10 @@ shifts once (the original shifted here too and so trained on token t+2).
 * chat: each conversation (the canonical shape, tool turns too) through the model's own chat
   template; only assistant tokens (each assistant turn's content, its tool calls and end-of-turn
   token, ``chat.assistant_mask``: any template, with or without ``{% generation %}`` markers) carry
-  labels, user, system and tool turns are -100.
+  labels, user, system and tool turns are -100. The conversations are reformatted splits (their own
+  answers) and/or the pseudo-label pipeline's ``labels.parquet`` (the teacher's answers:
+  ``distill.chat.pseudo_labels``); both hold ``messages`` in the canonical shape
+  (``modelmake.pseudo_labels.merge``: failed and dropped records are not in it).
 * web: C4-style records per language (any :mod:`modelmake.records` source, e.g. ``.json.gz``
   shards; the text in ``distill.web.text_field``, ``text`` or e.g. ``raw_content``), interleaved
   round-robin by language (a seeded shuffle within each), EOS-joined and packed into ``max_len`` blocks.
@@ -132,6 +135,19 @@ def split_rows(rows: list[dict], eval_rows: int, seed: int) -> tuple[list[dict],
     return rows[:-eval_rows], rows[-eval_rows:]
 
 
+def chat_source(parquet: str | Path) -> str:
+    """The ``source`` of a chat parquet's rows: the dataset of a reformatted split
+    (``data/<dataset>/reformatted/<split>.parquet``: ``<dataset>``), or of a pseudo-label dataset
+    (``pseudo_labels/<dataset>/<teacher>/labels.parquet``, whose rows name their ``teacher``:
+    ``<dataset>:<teacher>``), so the two kinds of one dataset stay apart in the rows."""
+    import pyarrow.parquet as pq
+
+    p = Path(parquet)
+    if "teacher" in pq.read_schema(p).names:  # modelmake.pseudo_labels.merge's schema
+        return f"{p.parent.parent.name}:{p.parent.name}"
+    return p.parent.parent.name
+
+
 def build_chat(parquets: list[str], tokenizer_dir: str, out_train: str, out_eval: str, *, max_len: int,
                eval_rows: int, seed: int, max_rows: int | None = None) -> dict:
     from transformers import AutoTokenizer
@@ -140,7 +156,7 @@ def build_chat(parquets: list[str], tokenizer_dir: str, out_train: str, out_eval
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     conversations = []
     for p in parquets:
-        conversations += [(Path(p).parent.parent.name, ms) for _, ms in read_conversations(p)]
+        conversations += [(chat_source(p), ms) for _, ms in read_conversations(p)]
     rows = chat_rows(tok, conversations, max_len)
     if max_rows:
         rows = random.Random(seed).sample(rows, min(max_rows, len(rows)))

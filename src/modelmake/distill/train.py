@@ -287,7 +287,7 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
     if index == 0:
         tok = AutoTokenizer.from_pretrained(job["student"])
         save_model_folder(job["out"], model_to_save, tok, config={**s, "scale": sc},
-                          inputs=[job["student"], *job["data"]],
+                          inputs=[job["student"], *job["data"], job["teacher"]],
                           counts={"steps": step, "trainers": n_trainers, "groups": layout.groups},
                           started=started,
                           extra={"log_history.json": history,

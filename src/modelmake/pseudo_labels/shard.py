@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from modelmake.chat import plain_messages
-from modelmake.files import atomic_open, dumps, stable_hash, write_json
+from modelmake.files import atomic_open, dumps, stable_hash, write_json, write_provenance
 
 
 def place(rid: str, partitions: int, shards: int) -> tuple[int, int]:
@@ -46,4 +46,6 @@ def write_partition(parquet: str | Path, out_dir: str | Path, part: int, partiti
     layout = {"source": str(parquet), "partition": part, "partitions": partitions, "shards": shards,
               "records": [len(b) for b in buckets], "seconds": round(time.time() - started, 3)}
     write_json(out_dir / "layout.json", layout)
+    write_provenance(out_dir, config={k: layout[k] for k in ("partition", "partitions", "shards")}, inputs=[parquet],
+                     counts={"records": sum(layout["records"])}, started=started)
     return layout

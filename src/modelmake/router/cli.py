@@ -51,12 +51,13 @@ def cmd_score(a) -> None:
 def cmd_calibrate(a) -> None:
     import pandas as pd
 
-    from modelmake.files import write_json
+    from modelmake.files import write_json, write_provenance
     from modelmake.router.route import calibration_record
 
     ref = pd.read_parquet(a.reference, columns=["p_weak_ok"])["p_weak_ok"].tolist()
     record = calibration_record(ref, a.strong_share, reference=a.reference)
     write_json(a.out, record)
+    write_provenance(a.out, config={"strong_shares": a.strong_share}, inputs=[a.reference])
     for r in record["thresholds"]:
         logging.info("strong share %.2f: threshold %.4f", r["strong_share"], r["threshold"])
 
@@ -74,10 +75,13 @@ def cmd_route(a) -> None:
 
 
 def cmd_evaluate(a) -> None:
+    from modelmake.files import write_provenance
     from modelmake.router.evaluate import evaluate_file
 
     evaluate_file(a.scored, a.metrics, a.plot, points=a.points, calibration=a.calibration,
                   config=json.loads(a.config))
+    write_provenance(a.metrics, config=json.loads(a.config),
+                     inputs=[a.scored, *([a.calibration] if a.calibration else [])])
 
 
 def _read_prompts(path: str) -> list[str]:

@@ -43,15 +43,22 @@ def cmd_train(a) -> None:
 def cmd_eval(a) -> None:
     from modelmake.selfplay.evaluate import evaluate_iteration
 
+    from modelmake.files import write_provenance
+
     m = evaluate_iteration(a.test, a.model, a.start, a.out, beta=a.beta, max_length=a.max_length,
                            iteration=a.iteration)
+    write_provenance(a.out, config={"beta": a.beta, "max_length": a.max_length, "iteration": a.iteration},
+                     inputs=[a.test, a.model, a.start])
     log.info("iteration %d: %s", a.iteration, m)
 
 
 def cmd_plot(a) -> None:
     from modelmake.selfplay.evaluate import plot_iterations
 
+    from modelmake.files import write_provenance
+
     plot_iterations(a.metrics, a.plot, a.table)
+    write_provenance(a.table, config={}, inputs=a.metrics)
 
 
 def add_commands(sub) -> None:

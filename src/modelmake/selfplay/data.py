@@ -21,6 +21,7 @@ from modelmake.chat import is_tool_call, read_conversations
 from modelmake.errors import RecordError, UserError
 from modelmake.files import (
     atomic_open, digest, dumps, provenance_record, read_jsonl, sha256_file, write_json, write_parquet,
+    write_provenance,
 )
 
 FRACTION = "frac{k}.jsonl"
@@ -80,6 +81,7 @@ def write_fractions(single: str | Path, out_dir: str | Path, frac_len: int) -> l
         paths.append(path)
     write_json(out_dir / "layout.json", {"prompts": len(df), "frac_len": frac_len, "fractions": len(paths),
                                          "source": str(single), "source_sha256": sha256_file(single)})
+    write_provenance(out_dir, config={"frac_len": frac_len}, inputs=[single], counts={"fractions": len(paths)})
     return paths
 
 
