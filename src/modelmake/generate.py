@@ -61,6 +61,9 @@ class GenerateSettings:
     backoff_s: float = 0.5
     request_timeout_s: float = 300.0
     max_failure_share: float = schema_field("$defs.generation.max_failure_share")
+    # more fields of every request's body, e.g. vLLM's structured_outputs (the router's judge); part of
+    # the fingerprint when given
+    extra_body: dict | None = None
 
     @classmethod
     def from_dict(cls, model: str, opts: dict) -> GenerateSettings:
@@ -82,7 +85,8 @@ class GenerateSettings:
     def fingerprint(self) -> str:
         """What makes a generated record reusable: the model and how it samples."""
         key = {"model": self.model, "teacher": self.teacher_source, "sampling": asdict(self.sampling),
-               "max_conversation_tokens": self.max_conversation_tokens}
+               "max_conversation_tokens": self.max_conversation_tokens,
+               **({"extra_body": self.extra_body} if self.extra_body is not None else {})}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -176,6 +180,8 @@ async def answer_turns(client, url: str, rec: dict, s: GenerateSettings) -> dict
         }
         if s.sampling.ignore_eos:
             body["ignore_eos"] = True  # a vLLM extension of the OpenAI API
+        if s.extra_body:
+            body.update(s.extra_body)
         out = await chat(client, url, body, s)
         choice = out["choices"][0]
         history.append({"role": "assistant", "content": choice["message"]["content"] or ""})
