@@ -9,19 +9,19 @@ include: "functions/router.smk"
 TARGETS += router_targets()
 
 
-if BUILT:
+if ROUTER_BUILD:
 
     rule router_label_prompts:
         """The prompts the labels are built on: the first user turn of each conversation of the
         reformatted datasets, or users' prompt records; a seeded sample (router.build_labels.prompts)."""
         input:
-            label_prompt_inputs(),
+            router_label_prompt_inputs(),
         output:
-            labels_path("prompts.jsonl"),
+            router_labels_path("prompts.jsonl"),
         params:
-            sources=label_prompt_args,
-            fields=as_json(BUILT["prompts"]["fields"]),
-            n=BUILT["prompts"]["n"] if BUILT["prompts"]["n"] is not None else "null",
+            sources=router_label_prompt_args,
+            fields=as_json(ROUTER_BUILD["prompts"]["fields"]),
+            n=ROUTER_BUILD["prompts"]["n"] if ROUTER_BUILD["prompts"]["n"] is not None else "null",
             seed=config["seed"],
         log:
             log_path("router", ROUTER["run"], "labels", "prompts.log"),
@@ -36,40 +36,40 @@ if BUILT:
 
     use rule generate from generation as router_label_answer with:
         input:
-            prompts=labels_path("prompts.jsonl"),
-            model=lambda w: model_inputs(label_role(w.label_model)),
+            prompts=router_labels_path("prompts.jsonl"),
+            model=lambda w: model_inputs(router_label_role(w.label_model)),
         output:
-            labels_path("answers", "{label_model}.jsonl"),
+            router_labels_path("answers", "{label_model}.jsonl"),
         wildcard_constraints:
             label_model="weak|strong",
         params:
             records=lambda w, input: input.prompts,
             settings=lambda w: generation_settings(
-                "router.build_labels.answers", BUILT["answers"], model_source(label_role(w.label_model))
+                "router.build_labels.answers", ROUTER_BUILD["answers"], model_source(router_label_role(w.label_model))
             ),
-            pool_spec=lambda w: pool_spec(label_role(w.label_model), servers=BUILT["servers"]),
-            pool_dir=lambda w: pool_folder(label_role(w.label_model), "router")["pool_dir"],
-            pool_logs=lambda w: pool_folder(label_role(w.label_model), "router")["pool_logs"],
+            pool_spec=lambda w: pool_spec(router_label_role(w.label_model), servers=ROUTER_BUILD["servers"]),
+            pool_dir=lambda w: pool_folder(router_label_role(w.label_model), "router")["pool_dir"],
+            pool_logs=lambda w: pool_folder(router_label_role(w.label_model), "router")["pool_logs"],
         log:
             log_path("router", ROUTER["run"], "labels", "answer_{label_model}.log"),
         threads: job_threads("router.generate")
         resources:
             **job_resources(
-                "router.generate", gpus=lambda w: pool_gpus(label_role(w.label_model), BUILT["servers"])
+                "router.generate", gpus=lambda w: pool_gpus(router_label_role(w.label_model), ROUTER_BUILD["servers"])
             ),
 
     rule router_judge_input:
         """A judge conversation per answer: the grading prompt (router.build_labels.grading.prompt)
         with the question, the answer and the scale filled in."""
         input:
-            prompts=labels_path("prompts.jsonl"),
-            weak=labels_path("answers", "weak.jsonl"),
-            strong=labels_path("answers", "strong.jsonl"),
+            prompts=router_labels_path("prompts.jsonl"),
+            weak=router_labels_path("answers", "weak.jsonl"),
+            strong=router_labels_path("answers", "strong.jsonl"),
         output:
-            labels_path("judge", "input.jsonl"),
+            router_labels_path("judge", "input.jsonl"),
         params:
             # functions: the templates' braces ({question}, ...) are no wildcards
-            grading=lambda w: as_json({k: BUILT["grading"][k] for k in ("prompt", "system", "scale")}),
+            grading=lambda w: as_json({k: ROUTER_BUILD["grading"][k] for k in ("prompt", "system", "scale")}),
         log:
             log_path("router", ROUTER["run"], "labels", "judge_input.log"),
         threads: job_threads("data")
@@ -83,31 +83,31 @@ if BUILT:
 
     use rule generate from generation as router_judge with:
         input:
-            records=labels_path("judge", "input.jsonl"),
-            model=model_inputs(BUILT["judge"]),
+            records=router_labels_path("judge", "input.jsonl"),
+            model=model_inputs(ROUTER_BUILD["judge"]),
         output:
-            labels_path("judge", "replies.jsonl"),
+            router_labels_path("judge", "replies.jsonl"),
         params:
             records=lambda w, input: input.records,
-            settings=judge_settings(),
-            pool_spec=pool_spec(BUILT["judge"], servers=BUILT["servers"]),
-            pool_dir=pool_folder(BUILT["judge"], "router")["pool_dir"],
-            pool_logs=pool_folder(BUILT["judge"], "router")["pool_logs"],
+            settings=router_judge_settings(),
+            pool_spec=pool_spec(ROUTER_BUILD["judge"], servers=ROUTER_BUILD["servers"]),
+            pool_dir=pool_folder(ROUTER_BUILD["judge"], "router")["pool_dir"],
+            pool_logs=pool_folder(ROUTER_BUILD["judge"], "router")["pool_logs"],
         log:
             log_path("router", ROUTER["run"], "labels", "judge.log"),
         threads: job_threads("router.generate")
         resources:
-            **job_resources("router.generate", gpus=pool_gpus(BUILT["judge"], BUILT["servers"])),
+            **job_resources("router.generate", gpus=pool_gpus(ROUTER_BUILD["judge"], ROUTER_BUILD["servers"])),
 
     rule router_judge_retry_input:
         """The judge conversations whose reply held no grade, with the retry prompt appended."""
         input:
-            records=labels_path("judge", "input.jsonl"),
-            replies=labels_path("judge", "replies.jsonl"),
+            records=router_labels_path("judge", "input.jsonl"),
+            replies=router_labels_path("judge", "replies.jsonl"),
         output:
-            labels_path("judge", "retry_input.jsonl"),
+            router_labels_path("judge", "retry_input.jsonl"),
         params:
-            grading=lambda w: as_json({k: BUILT["grading"][k] for k in ("retry_prompt", "scale")}),
+            grading=lambda w: as_json({k: ROUTER_BUILD["grading"][k] for k in ("retry_prompt", "scale")}),
         log:
             log_path("router", ROUTER["run"], "labels", "judge_retry_input.log"),
         threads: job_threads("data")
@@ -121,40 +121,40 @@ if BUILT:
 
     use rule generate from generation as router_judge_retry with:
         input:
-            records=labels_path("judge", "retry_input.jsonl"),
-            model=model_inputs(BUILT["judge"]),
+            records=router_labels_path("judge", "retry_input.jsonl"),
+            model=model_inputs(ROUTER_BUILD["judge"]),
         output:
-            labels_path("judge", "retry_replies.jsonl"),
+            router_labels_path("judge", "retry_replies.jsonl"),
         params:
             records=lambda w, input: input.records,
-            settings=judge_settings(retry=True),
-            pool_spec=pool_spec(BUILT["judge"], servers=BUILT["servers"]),
-            pool_dir=pool_folder(BUILT["judge"], "router")["pool_dir"],
-            pool_logs=pool_folder(BUILT["judge"], "router")["pool_logs"],
+            settings=router_judge_settings(retry=True),
+            pool_spec=pool_spec(ROUTER_BUILD["judge"], servers=ROUTER_BUILD["servers"]),
+            pool_dir=pool_folder(ROUTER_BUILD["judge"], "router")["pool_dir"],
+            pool_logs=pool_folder(ROUTER_BUILD["judge"], "router")["pool_logs"],
         log:
             log_path("router", ROUTER["run"], "labels", "judge_retry.log"),
         threads: job_threads("router.generate")
         resources:
-            **job_resources("router.generate", gpus=pool_gpus(BUILT["judge"], BUILT["servers"])),
+            **job_resources("router.generate", gpus=pool_gpus(ROUTER_BUILD["judge"], ROUTER_BUILD["servers"])),
 
     rule router_labels:
         """Each answer's grade (the retry's where the first reply had none) -> the scored prompts
         {id, prompt, scores: {<weak>: g, <strong>: g}} on the judge's scale, and their stats; fails
         past router.build_labels.grading.max_failure_share answers without a grade."""
         input:
-            prompts=labels_path("prompts.jsonl"),
-            weak=labels_path("answers", "weak.jsonl"),
-            strong=labels_path("answers", "strong.jsonl"),
-            records=labels_path("judge", "input.jsonl"),
-            replies=labels_path("judge", "replies.jsonl"),
-            retries=labels_path("judge", "retry_replies.jsonl"),
+            prompts=router_labels_path("prompts.jsonl"),
+            weak=router_labels_path("answers", "weak.jsonl"),
+            strong=router_labels_path("answers", "strong.jsonl"),
+            records=router_labels_path("judge", "input.jsonl"),
+            replies=router_labels_path("judge", "replies.jsonl"),
+            retries=router_labels_path("judge", "retry_replies.jsonl"),
         output:
-            scored=labels_path("scored_prompts.jsonl"),
-            stats=labels_path("stats.json"),
+            scored=router_labels_path("scored_prompts.jsonl"),
+            stats=router_labels_path("stats.json"),
         params:
-            names=as_json({m: label_role(m) for m in ("weak", "strong")}),
-            grading=as_json({k: BUILT["grading"][k] for k in ("scale", "structured", "max_failure_share")}),
-            config=lambda w: as_json(BUILT),
+            names=as_json({m: router_label_role(m) for m in ("weak", "strong")}),
+            grading=as_json({k: ROUTER_BUILD["grading"][k] for k in ("scale", "structured", "max_failure_share")}),
+            config=lambda w: as_json(ROUTER_BUILD),
         log:
             log_path("router", ROUTER["run"], "labels", "labels.log"),
         threads: job_threads("data")
@@ -175,7 +175,7 @@ rule router_data:
     records with both models' scores)."""
     input:
         data=local_sources(ROUTER["data"]),
-        built=[labels_path("scored_prompts.jsonl")] if BUILT else [],
+        built=[router_labels_path("scored_prompts.jsonl")] if ROUTER_BUILD else [],
     output:
         train=router_path("data", "train.parquet"),
         calib=router_path("data", "calib.parquet"),

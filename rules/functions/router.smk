@@ -3,14 +3,14 @@
 from modelmake.router.labels import constraint_body  # noqa: E402
 
 ROUTER = config["router"]
-BUILT = ROUTER.get("build_labels")  # None: the labels come from router.data only
+ROUTER_BUILD = ROUTER.get("build_labels")  # None: the labels come from router.data only
 
 
 def router_path(*parts):
     return results("router", ROUTER["run"], *parts)
 
 
-def labels_path(*parts):
+def router_labels_path(*parts):
     """Where router.build_labels builds the labels: router/<run>/labels/."""
     return router_path("labels", *parts)
 
@@ -28,30 +28,30 @@ def router_data_sources(wildcards, input):
 
 
 # --- router.build_labels: prompts -> the weak and the strong model's answers -> the judge's grades
-def label_role(which):
+def router_label_role(which):
     """The model role of the weak or the strong model."""
-    return BUILT[which]
+    return ROUTER_BUILD[which]
 
 
-def label_prompt_inputs():
+def router_label_prompt_inputs():
     """The reformatted splits the prompts come from, or the prompt files (local ones)."""
-    p = BUILT["prompts"]
+    p = ROUTER_BUILD["prompts"]
     if "datasets" in p:
         return [data_path(d, "reformatted", f"{p['split']}.parquet") for d in p["datasets"]]
     return local_sources(p["files"])
 
 
-def label_prompt_args(wildcards, input):
+def router_label_prompt_args(wildcards, input):
     """modelmake router-label-prompts' sources: --dataset name=parquet each, or the files in order."""
-    p = BUILT["prompts"]
+    p = ROUTER_BUILD["prompts"]
     if "datasets" in p:
         return [a for d, path in zip(p["datasets"], input) for a in ("--dataset", f"{d}={path}")]
     return record_sources(p["files"])(wildcards, input)
 
 
-def judge_settings(retry=False):
+def router_judge_settings(retry=False):
     """The judge's generation settings (router.build_labels.grading) with its structured-output
     constraint (modelmake.router.labels.constraint_body): the first reply's, or the retry's."""
-    g = BUILT["grading"]
+    g = ROUTER_BUILD["grading"]
     extra = constraint_body(g["structured"], g["structured_api"], g["scale"], retry=retry)
-    return generation_settings("router.build_labels.grading", g, model_source(BUILT["judge"]), extra_body=extra)
+    return generation_settings("router.build_labels.grading", g, model_source(ROUTER_BUILD["judge"]), extra_body=extra)
