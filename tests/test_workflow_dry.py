@@ -193,6 +193,9 @@ def test_built_labels_chain_prompts_answers_grades_into_router_data(tmp_path):
     edges = rule_edges(dot[dot.index("digraph"):])
     assert {(a, b) for a, b in zip(LABEL_CHAIN, LABEL_CHAIN[1:])} <= edges
     assert ("router_label_answer", "router_labels") in edges and ("build_model", "router_judge") in edges
+    # the whole layered demo plans too: the router's rules share the workflow's namespace with the others'
+    everything = jobs_planned(run_snakemake(tmp_path, "-n", *files).stdout)
+    assert everything["generate_shard"] == 4 and everything["router_label_answer"] == 2
 
 
 @pytest.mark.parametrize("pipeline", sorted(PIPELINE_RULES))
