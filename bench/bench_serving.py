@@ -84,7 +84,7 @@ def full_path(args) -> dict:
                 journal = io.StringIO()
                 t, cpu = time.perf_counter(), time.process_time()
                 url = proxy["servers"][0] if args.direct else proxy["url"]
-                ok, failed = asyncio.run(generate_records(records, url, settings, journal))
+                ok, failed = asyncio.run(generate_records(records, url, settings, journal, api_key=proxy["api_key"]))
                 dt, cpu = time.perf_counter() - t, time.process_time() - cpu
         finally:
             stop_pool(pids or pool_pids(pool))

@@ -16,17 +16,25 @@ wildcard_constraints:
 
 
 rule arena_prepare:
-    """Check the pairwise records and write them as parquet; labelled pairs get a fold by id hash."""
+    """Check the pairwise records and write them as parquet (turn lists); labelled pairs get a fold by
+    id hash, ties are dropped or kept as 0.5/0.5 (arena.ties), bad records fail or go to the rejects
+    (arena.on_error); the stats count them."""
     input:
         labelled=local_sources(AR["labelled"]),
         unlabelled=local_sources(AR["unlabelled"]),
     output:
         labelled=arena_path("data", "labelled.parquet"),
         unlabelled=arena_path("data", "unlabelled.parquet"),
+        labelled_rejects=arena_path("data", "labelled.rejects.jsonl"),
+        unlabelled_rejects=arena_path("data", "unlabelled.rejects.jsonl"),
+        labelled_stats=arena_path("data", "labelled.stats.json"),
+        unlabelled_stats=arena_path("data", "unlabelled.stats.json"),
     params:
         labelled=record_sources(AR["labelled"], "labelled"),
         unlabelled=record_sources(AR["unlabelled"], "unlabelled"),
         fields=as_json(AR["fields"]),
+        ties=AR["ties"],
+        on_error=AR["on_error"],
         config=as_json({"folds": AR["folds"], "fields": AR["fields"]}),
     log:
         log_path("arena", "prepare.log"),
@@ -37,8 +45,11 @@ rule arena_prepare:
         "../envs/train.yaml"
     shell:
         "(python -m modelmake arena-prepare {params.labelled:q} --labelled --out {output.labelled:q} "
-        "--config {params.config:q} --fields {params.fields:q} && python -m modelmake arena-prepare "
-        "{params.unlabelled:q} --out {output.unlabelled:q} --config {params.config:q} --fields {params.fields:q}"
+        "--rejects {output.labelled_rejects:q} --stats {output.labelled_stats:q} --ties {params.ties:q} "
+        "--on-error {params.on_error:q} --config {params.config:q} --fields {params.fields:q} "
+        "&& python -m modelmake arena-prepare {params.unlabelled:q} --out {output.unlabelled:q} "
+        "--rejects {output.unlabelled_rejects:q} --stats {output.unlabelled_stats:q} "
+        "--on-error {params.on_error:q} --config {params.config:q} --fields {params.fields:q}"
         ") > {log:q} 2>&1"
 
 
@@ -201,6 +212,7 @@ rule arena_export:
     params:
         valid_fold=AR["valid_fold"],
         tolerance=AR["export"]["tolerance"],
+        predict_timeout=AR["export"]["predict_timeout_s"],
     log:
         log_path("arena", "export", "{base}.log"),
     threads: job_threads("arena.export")
@@ -211,7 +223,7 @@ rule arena_export:
     shell:
         "OMP_NUM_THREADS={threads} python -m modelmake arena-export --model {input.model:q} "
         "--labelled {input.labelled:q} --valid-fold {params.valid_fold} --stage-eval {input.eval:q} "
-        "--tolerance {params.tolerance} --out {output:q} > {log:q} 2>&1"
+        "--tolerance {params.tolerance} --predict-timeout {params.predict_timeout} --out {output:q} > {log:q} 2>&1"
 
 
 rule arena_export_ensemble:
@@ -226,6 +238,7 @@ rule arena_export_ensemble:
         settings=as_json(AR["ensemble"]),
         valid_fold=AR["valid_fold"],
         tolerance=AR["export"]["tolerance"],
+        predict_timeout=AR["export"]["predict_timeout_s"],
     log:
         log_path("arena", "export", "ensemble.log"),
     threads: job_threads("arena.export")
@@ -236,7 +249,8 @@ rule arena_export_ensemble:
     shell:
         "OMP_NUM_THREADS={threads} python -m modelmake arena-export-ensemble --models {input.models:q} "
         "--stage-evals {input.evals:q} --labelled {input.labelled:q} --valid-fold {params.valid_fold} "
-        "--settings {params.settings:q} --tolerance {params.tolerance} --out {output:q} > {log:q} 2>&1"
+        "--settings {params.settings:q} --tolerance {params.tolerance} --predict-timeout {params.predict_timeout} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule arena_report:

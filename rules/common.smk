@@ -159,7 +159,7 @@ def pool_spec(role, model=None, servers=None, served_name=None):
     """
     s = role_serve(config, role)
     keys = ["max_model_len", "dtype", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
-            "cpu_threads_per_server", "cpu_kvcache_gib", "vllm_args", "health_interval_s"]
+            "cpu_threads_per_server", "cpu_kvcache_gib", "vllm_args", "health_interval_s", "device_lock_dir"]
     return as_json({
         "model": model if model is not None else model_dir(role), "served_name": served_name or role,
         "servers": servers or s["servers_per_partition"], "seed": config["seed"], **{k: s[k] for k in keys},
@@ -187,6 +187,7 @@ def generation_settings(config_key, section, model_source, extra_body=None):
     $defs/generation) as JSON; ``config_key`` names that section in errors (e.g. arena.response_pairs).
     ``extra_body``: more fields of every request (the router judge's structured outputs)."""
     keys = ["sampling", "max_conversation_tokens", "concurrency", "retries", "max_failure_share"]
+    keys += [k for k in ("regenerate", "ending_user_turn") if k in section]  # pseudo_labels' own
     extra = {"extra_body": extra_body} if extra_body is not None else {}
     return as_json({"config_key": config_key, "teacher_source": model_source, **{k: section[k] for k in keys},
                     **extra})

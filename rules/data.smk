@@ -14,6 +14,7 @@ rule reformat:
         sources=record_sources(lambda w: config["datasets"][w.dataset]["splits"][w.split]),
         fields=lambda w: as_json(config["datasets"][w.dataset]["fields"]),
         on_error=config["reformat"]["on_error"],
+        allow_empty=lambda w: "--allow-empty" if config["datasets"][w.dataset]["allow_empty"] else "",
     log:
         log_path("reformat", "{dataset}", "{split}.log"),
     benchmark:
@@ -25,4 +26,5 @@ rule reformat:
         "../envs/train.yaml"
     shell:
         "python -m modelmake reformat {params.sources:q} --fields {params.fields:q} --out {output.parquet:q} "
-        "--rejects {output.rejects:q} --stats {output.stats:q} --on-error {params.on_error:q} > {log:q} 2>&1"
+        "--rejects {output.rejects:q} --stats {output.stats:q} --on-error {params.on_error:q} {params.allow_empty} "
+        "--config-key datasets.{wildcards.dataset:q} > {log:q} 2>&1"

@@ -77,10 +77,10 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: float 
 class Started:
     """A Snakemake run in the background, stopped (whole process group, by PID) on close."""
 
-    def __init__(self, workdir: Path, *args: str):
+    def __init__(self, workdir: Path, *args: str, extra_env: dict[str, str] | None = None):
         self.log = open(workdir / "snakemake.out", "w")
-        self.proc = subprocess.Popen(snakemake_cmd(workdir, *args), cwd=workdir, env=env(), text=True,
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(snakemake_cmd(workdir, *args), cwd=workdir, env={**env(), **(extra_env or {})},
+                                     text=True, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self, timeout: float = 1200) -> int:
         return self.proc.wait(timeout=timeout)

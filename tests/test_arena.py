@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -117,13 +118,54 @@ def test_truncation_budget_is_respected_and_split_fairly(tokenizer):
         build_input(tokenizer, "a", "b", "c", TemplateSettings(max_length=20))
 
 
+def sections(text: str) -> list[tuple[str, str]]:
+    """(header, text) of each Prompt / Response A / Response B section, in order."""
+    import re
+
+    body = text.split("(A or B):")[0].rsplit("\nBetter response", 1)[0]
+    parts = re.split(r"\n(Prompt|Response A|Response B): ", body)[1:]
+    return list(zip(parts[0::2], parts[1::2]))
+
+
+def test_a_multi_turn_pair_is_rendered_turn_by_turn_with_every_part_truncated_fairly(tokenizer):
+    ts = TemplateSettings(max_length=160, head_share=0.5)
+    long = " ".join(["moon"] * 200)
+    prompt, a, b = ["tea", long, "rain"], [long, "bread", long], [long, long, None]
+    ids = build_input(tokenizer, prompt, a, b, ts)
+    assert len(ids) <= ts.max_length
+    got = sections(tokenizer.decode(ids))
+    assert [h for h, _ in got] == ["Prompt", "Response A", "Response B"] * 3, "turn by turn"
+    assert [t.strip() for h, t in got if "moon" not in t] == ["tea", "bread", "rain", ""]  # short parts: whole
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t in got if "moon" in t]
+    assert len(lengths) == 5 and max(lengths) - min(lengths) <= 2, f"the long parts share the budget: {lengths}"
+    assert sum(lengths) > 0.6 * (ts.max_length - 60), "the budget is used"
+    # a JSON-encoded list (Kaggle) is the same pair as the list; a one-turn list as the string
+    assert build_input(tokenizer, *(json.dumps(x) for x in (prompt, a, b)), ts) == ids
+    assert build_input(tokenizer, ["tea"], ["moon"], ["rain"], ts) == build_input(tokenizer, "tea", "moon", "rain", ts)
+    with pytest.raises(ValueError, match="the prompt has 2 turns, response_a 1"):
+        build_input(tokenizer, ["a", "b"], ["c"], ["d", "e"], ts)
+
+
+def test_too_many_turns_keep_the_first_and_the_last_turns(tokenizer):
+    ts = TemplateSettings(max_length=128, head_share=0.5)
+    words = " ".join(["music"] * 30)
+    turns = 12
+    prompt = [f"river {i} {words}" for i in range(turns)]
+    ids = build_input(tokenizer, prompt, [words] * turns, [words] * turns, ts)
+    assert len(ids) <= ts.max_length and tokenizer.decode(ids).rstrip().endswith("(A or B):")
+    kept = [t for h, t in sections(tokenizer.decode(ids)) if h == "Prompt"]
+    assert 1 < len(kept) < turns
+    numbers = [int(t.split()[1]) for t in kept]
+    assert numbers[0] == 0 and numbers[-1] == turns - 1 and numbers == sorted(numbers)
+
+
 # --- data, folds and the held-out fold
 
 
 def test_bad_record_is_reported_with_file_and_line(tmp_path):
     p = tmp_path / "pairs.jsonl"
     good = {"id": "x", "prompt": "p", "response_a": "a", "response_b": "b", "winner": "model_a", "language": "en"}
-    p.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "y", "winner": "tie"}) + "\n")
+    p.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "y", "winner": "draw"}) + "\n")
     with pytest.raises(RecordError, match=r"pairs.jsonl:2: 'winner'"):
         read_pairs([p], labelled=True)
 
@@ -137,9 +179,9 @@ def test_pairs_and_prompts_from_csv_and_parquet_with_their_own_field_names(tmp_p
     src = tmp_path / "pairs.csv"
     src.write_text("\ufeffid,prompt,answer_1,answer_2,winner,lang\r\nx,p,a,b,model_a,en\r\ny,q,c,d,model_b,zh\r\n")
     fields = {"response_a": "answer_1", "response_b": "answer_2", "language": "lang"}
-    assert read_pairs([src], labelled=True, fields=fields) == [
-        {"id": "x", "prompt": "p", "response_a": "a", "response_b": "b", "language": "en", "winner": "model_a"},
-        {"id": "y", "prompt": "q", "response_a": "c", "response_b": "d", "language": "zh", "winner": "model_b"}]
+    assert read_pairs([src], labelled=True, fields=fields)[0] == [
+        {"id": "x", "prompt": ["p"], "response_a": ["a"], "response_b": ["b"], "language": "en", "winner": "model_a"},
+        {"id": "y", "prompt": ["q"], "response_a": ["c"], "response_b": ["d"], "language": "zh", "winner": "model_b"}]
     with pytest.raises(RecordError, match=r"pairs\.csv:row 1: no field 'response_a'.*arena\.fields\.response_a"):
         read_pairs([src], labelled=True)
 
@@ -151,11 +193,22 @@ def test_pairs_and_prompts_from_csv_and_parquet_with_their_own_field_names(tmp_p
     assert len(picked) == 2 and all(r["messages"][0]["content"].startswith("prompt ") for r in picked)
 
 
+def test_a_prompt_pool_with_a_duplicate_id_is_refused_with_file_and_line(tmp_path):
+    """Two prompts of one id would collapse into one answer per generator (the journal keys by id)."""
+    from modelmake.arena.pairs import sample_prompts
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": i, "prompt": f"p{n}"}) + "\n" for n, i in enumerate("abcb")))
+    with pytest.raises(RecordError, match=f"{pool}:4: duplicate id 'b' \\(first at {pool}:2\\).*prompt_pool"):
+        sample_prompts(str(pool), 2, 0, str(tmp_path / "prompts.jsonl"))
+    assert not (tmp_path / "prompts.jsonl").exists()
+
+
 def test_folds_are_stable_per_id(tmp_path):
     src = REPO / "resources/demo/arena/labelled.jsonl"
     counts = prepare([src], tmp_path / "l.parquet", labelled=True, folds=5, config={})
     df = pd.read_parquet(tmp_path / "l.parquet")
-    assert counts["rows"] == len(df) and set(df["fold"]) == set(range(5))
+    assert counts["written"] == len(df) and set(df["fold"]) == set(range(5))
     assert all(fold_of(r, 5) == f for r, f in zip(df["id"], df["fold"]))
     assert set(df["language"]) == {"en", "zh"}
 
@@ -203,6 +256,48 @@ def test_swapped_prediction_of_the_swapped_pair_is_the_prediction(classifier_dir
     predict_pairs(str(classifier_dir), str(tmp_path / "b.parquet"), str(tmp_path / "pb.parquet"))
     pa, pb = pd.read_parquet(tmp_path / "pa.parquet"), pd.read_parquet(tmp_path / "pb.parquet")
     assert list(pa["p_a"]) == pytest.approx(list(1 - pb["p_a"]), abs=1e-6)
+
+
+def test_multi_turn_pairs_and_ties_go_through_prediction_pseudo_labels_and_stage_data(classifier_dir, tmp_path):
+    """Turn lists (as prepare stores them) beside plain strings (generated pairs): predicted, merged,
+    written, guarded against leaks and encoded for training; a tie trains as 0.5 both ways."""
+    from modelmake.arena.model import load_tokenizer, training_rows
+    from modelmake.arena.pseudo import merge, predict_pairs
+
+    rows = [{"id": f"u{i}", "language": "unknown",
+             "conversation_a": [{"role": "user", "content": f"tea {i}"}, {"role": "assistant", "content": "rain"},
+                                {"role": "user", "content": "moon"}, {"role": "assistant", "content": "bread"}],
+             "conversation_b": [{"role": "user", "content": f"tea {i}"}, {"role": "assistant", "content": "map"},
+                                {"role": "user", "content": "moon"}, {"role": "assistant", "content": None}]}
+            for i in range(4)]
+    src = tmp_path / "battles.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare([str(src)], tmp_path / "unlabelled.parquet", labelled=False, folds=3, config={})
+    predict_pairs(str(classifier_dir), str(tmp_path / "unlabelled.parquet"), str(tmp_path / "p.parquet"))
+    merge(str(tmp_path / "unlabelled.parquet"), {"m": str(tmp_path / "p.parquet")}, {"m": 1}, 0.0,
+          str(tmp_path / "pseudo.parquet"), str(tmp_path / "pseudo.json"))
+    pseudo = pd.read_parquet(tmp_path / "pseudo.parquet")
+    assert [list(x) for x in pseudo["response_b"]] == [["map", ""]] * 4
+    generated = pairs_frame(3, seed=1).drop(columns=["winner", "fold"])  # strings, as arena_pairs writes
+    generated = generated.assign(id="g" + generated["id"], p_a=0.8)
+    labelled = pairs_frame(12).assign(winner=["model_a", "tie", "model_b", "model_a"] * 3)
+    train, valid = training_data(labelled, [pseudo, generated], valid_fold=0, label_smoothing=0.0)
+    check_no_leak(train, valid, "stage2")
+    tok = load_tokenizer(classifier_dir)
+    examples = training_rows(train, tok, TemplateSettings(max_length=96), swap_augment=True)
+    assert len(examples) == 2 * (4 + 3) and all(len(e["input_ids"]) <= 96 for e in examples)
+    # a labelled multi-turn pair in the validation fold, copied into pseudo-labels as strings of one turn
+    # each, is still found: the leak guard compares turns
+    leaked = valid.head(1).assign(id="copy", p_a=0.5, prompt=[["x", "y"]], response_a=[["a", "b"]],
+                                  response_b=[["c", "d"]])
+    valid2 = valid.copy()
+    valid2.loc[0, ["prompt", "response_a", "response_b"]] = pd.Series(
+        {"prompt": json.dumps(["x", "y"]), "response_a": json.dumps(["a", "b"]), "response_b": json.dumps(["c", "d"])})
+    with pytest.raises(RecordError, match="validation pairs are in the training data"):
+        check_no_leak(pd.concat([train, swap(leaked)], ignore_index=True), valid2, "stage2")
+    stage1, _ = training_data(labelled, [], valid_fold=0, label_smoothing=0.0)
+    ties = training_rows(stage1[stage1["winner"] == "tie"], tok, TemplateSettings(max_length=96), swap_augment=True)
+    assert ties and {e["p_a"] for e in ties} == {0.5}
 
 
 # --- soft-label merge and ensemble
@@ -290,6 +385,11 @@ def test_config_cross_checks_name_the_key():
     assert any("arena.bases[1]: 'nope' is not a key of models" in p for p in problems)
     assert any("arena.valid_fold: 7" in p for p in problems)
     assert any("arena.pseudo.weights: no weight for base 'nope'" in p for p in problems)
+    c = demo_config()
+    c["arena"].update(ties="maybe", on_error="ignore")
+    with pytest.raises(ConfigError, match=r"(?s)arena\.on_error: 'ignore' is not one of \['fail', 'skip'\].*"
+                                          r"arena\.ties: 'maybe' is not one of \['drop', 'soft'\]"):
+        validate(c, check_paths=False)
 
 
 def test_dry_run_plans_every_arena_step(tmp_path):
@@ -303,3 +403,15 @@ def test_dry_run_plans_every_arena_step(tmp_path):
         "arena_train": 6, "arena_predict": 4, "arena_merge_pseudo": 2, "arena_export": 2,
         "arena_export_ensemble": 1, "arena_report": 1,
     }
+
+
+def test_a_submission_predict_py_that_hangs_is_stopped_at_the_timeout(tmp_path):
+    from modelmake.arena.export import ExportError, run_entry_point
+
+    (tmp_path / "predict.py").write_text("import sys, time\nprint('loading', file=sys.stderr, flush=True)\n"
+                                         "time.sleep(60)\n")
+    started = time.monotonic()
+    with pytest.raises(ExportError, match="predict.py did not finish within arena.export.predict_timeout_s=1 s"
+                                          "(.|\\n)*loading"):
+        run_entry_point(tmp_path, tmp_path / "pairs.parquet", tmp_path / "out.parquet", timeout_s=1)
+    assert time.monotonic() - started < 30

@@ -249,6 +249,118 @@ def test_a_prompt_that_tokenizes_differently_alone_is_refused(demo_tok_dir):
         assistant_mask(tok, CONVERSATION[:2])
 
 
+# --- tool turns: tool calls are trained on, tool outputs are not
+
+
+LLAMA31_TOOLS = (  # Llama-3.1-Instruct's handling of tool calls and ipython/tool turns (custom tools)
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content']|trim %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + system_message + '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{%- elif 'tool_calls' in message %}"
+    "{%- if not message.tool_calls|length == 1 %}"
+    "{{- raise_exception('This model only supports single tool-calls at once!') }}{%- endif %}"
+    "{%- set tool_call = message.tool_calls[0].function %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
+    "{{- '{\"name\": \"' + tool_call.name + '\", ' }}{{- '\"parameters\": ' }}{{- tool_call.arguments | tojson }}"
+    "{{- '}' }}{{- '<|eot_id|>' }}"
+    "{%- elif message.role == 'tool' or message.role == 'ipython' %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' }}"
+    "{%- if message.content is mapping %}{{- message.content | tojson }}{%- else %}{{- message.content }}{%- endif %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+QWEN25_TOOLS = (  # Qwen2.5-Instruct's messages loop: tool calls in <tool_call>, outputs grouped in a user turn
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first)"
+    " or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+WEATHER_CALL = {"id": "call_0", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+TOOL_CONVERSATION = [  # as a reformatted parquet holds it: every field, null where a message has none
+    {"role": "system", "content": "You can call get_weather.", "name": None, "tool_calls": None, "tool_call_id": None},
+    {"role": "user", "content": "Weather in Paris?", "name": "alice", "tool_calls": None, "tool_call_id": None},
+    {"role": "assistant", "content": "", "name": None, "tool_calls": [WEATHER_CALL], "tool_call_id": None},
+    {"role": "tool", "content": "sunny and 21 degrees", "name": None, "tool_calls": None, "tool_call_id": "call_0"},
+    {"role": "assistant", "content": "It is 21 degrees.", "name": None, "tool_calls": None, "tool_call_id": None},
+]
+
+# name: (template, special tokens, eos token, masked text of the tool-call turn and of the answer)
+TOOL_TEMPLATES = {
+    "demo": (None, [], None, ['<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|eot_id|>',
+                              "It is 21 degrees.<|eot_id|>"]),
+    "llama3.1": (LLAMA31_TOOLS, TEMPLATES["llama3"][1], "<|eot_id|>",
+                 ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "It is 21 degrees.<|eot_id|>"]),
+    "qwen2.5": (QWEN25_TOOLS, TEMPLATES["qwen2.5"][1], "<|im_end|>",
+                ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+                 "It is 21 degrees.<|im_end|>"]),
+}
+
+
+def tool_tokenizer(tok_dir, name: str):
+    from transformers import AutoTokenizer
+
+    template, specials, eos, _ = TOOL_TEMPLATES[name]
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    if template is not None:
+        tok.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
+        tok.add_special_tokens({"eos_token": eos})
+        tok.chat_template = template
+    return tok
+
+
+@pytest.mark.parametrize("name", list(TOOL_TEMPLATES))
+def test_tool_calls_are_trained_on_and_tool_outputs_are_not(demo_tok_dir, name):
+    """Each template renders the call with its arguments as an object (decoded from the OpenAI JSON
+    text) and the parquet's nulls dropped (Llama-3.1 tests `'tool_calls' in message`)."""
+    tok = tool_tokenizer(demo_tok_dir, name)
+    ids, mask = assistant_mask(tok, TOOL_CONVERSATION)
+    assert masked_texts(tok, ids, mask) == TOOL_TEMPLATES[name][3]
+    assert "sunny and 21 degrees" in tok.decode(ids)
+    assert "sunny" not in tok.decode([t for t, m in zip(ids, mask) if m])
+
+
+def test_the_demo_template_masks_tool_turns_the_same_with_and_without_generation_markers(demo_tok_dir):
+    from transformers import AutoTokenizer
+
+    marked = AutoTokenizer.from_pretrained(demo_tok_dir)
+    plain = AutoTokenizer.from_pretrained(demo_tok_dir)
+    plain.chat_template = marked.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    for conv in (TOOL_CONVERSATION, TOOL_CONVERSATION[:4], TOOL_CONVERSATION[:3]):
+        assert assistant_mask(marked, conv) == assistant_mask(plain, conv)
+
+
 # --- router and distillation with templates without markers
 
 
@@ -358,3 +470,36 @@ def test_distillation_chat_rows_with_a_qwen_template_are_masked_per_assistant_tu
         trained = masked_spans(ids, [int(x != -100) for x in labels])
         assert [tok.decode(s) for s in trained] == [m["content"] + "<|im_end|>" for m in conv if m["role"] == "assistant"]
         assert "You are Qwen" not in "".join(tok.decode(s) for s in trained)
+
+
+def test_distillation_chat_data_from_reformatted_tool_conversations_trains_on_calls_not_outputs(demo_tok_dir, tmp_path):
+    """ShareGPT tool use (a system field, function_call, observation) through reformat and on to
+    distillation's chat rows, read back from the parquet (nested tool calls, nulls)."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from modelmake.distill import data
+    from modelmake.reformat import reformat_files
+
+    raw = tmp_path / "tools.jsonl"
+    raw.write_text("".join(json.dumps({"id": f"t{i}", "system": "You can call get_weather.", "conversations": [
+        {"from": "human", "value": f"Weather in city {i}?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": i}})},
+        {"from": "observation", "value": f"sunny, {20 + i} degrees"},
+        {"from": "gpt", "value": f"It is {20 + i} degrees."}]}) + "\n" for i in range(4)), encoding="utf-8")
+    parquet = tmp_path / "tools/reformatted/train.parquet"
+    parquet.parent.mkdir(parents=True)
+    reformat_files([raw], parquet)
+
+    counts = data.build_chat([str(parquet)], str(demo_tok_dir), str(tmp_path / "train.parquet"),
+                             str(tmp_path / "eval.parquet"), max_len=256, eval_rows=1, seed=0)
+
+    assert counts["conversations"] == 4 and counts["train"] == 3
+    tok = AutoTokenizer.from_pretrained(demo_tok_dir)
+    for row in pq.read_table(tmp_path / "train.parquet").to_pylist():
+        assert row["source"] == "tools"
+        trained = [tok.decode(s) for s in masked_spans(row["input_ids"], [int(x != -100) for x in row["labels"]])]
+        city = json.loads(trained[0].split("<tool_call>")[1].split("</tool_call>")[0])["arguments"]["city"]
+        assert trained == [f'<tool_call>{{"name": "get_weather", "arguments": {{"city": {city}}}}}</tool_call><|eot_id|>',
+                           f"It is {20 + city} degrees.<|eot_id|>"]
+        assert "sunny" in tok.decode(row["input_ids"])

@@ -378,8 +378,9 @@ def typed_settings() -> dict:
         "$defs.sampling": asdict(Sampling()),
         "$defs.generation": {k: generate[k] for k in ("max_conversation_tokens", "concurrency", "retries",
                                                       "max_failure_share")},
+        "pseudo_labels": {k: generate[k] for k in ("regenerate", "ending_user_turn")},
         "serve": {k: v for k, v in asdict(PoolSpec(model="m", served_name="t")).items()
-                  if k not in ("model", "served_name", "servers", "host", "seed")},
+                  if k not in ("model", "served_name", "servers", "host", "seed", "server_command")},
         "$defs.arena_stage": asdict(TrainSettings()),
         "arena.template": asdict(TemplateSettings()),  # a standalone copy (shipped with the submission)
         "router.train": router_train({}),
@@ -430,6 +431,47 @@ def test_command_line_defaults_are_the_schemas():
                 "--out", "o").tolerance == default("arena.export.tolerance")
     assert args("selfplay-eval", "t", "--model", "m", "--start", "s", "--out", "o", "--beta", "0.1",
                 "--iteration", "0").max_length == default("$defs.selfplay_train.max_length")
+
+
+def test_every_number_must_be_finite_a_timeout_of_inf_never_ends(config):
+    config["serve"]["ready_timeout_s"] = float("inf")  # YAML's .inf: jsonschema takes it for a number
+    config["serve"]["idle_timeout_s"] = float("nan")
+    config["pseudo_labels"]["sampling"]["temperature"] = float("-inf")
+    msg = problems(config)
+    assert "serve.ready_timeout_s: inf is not a finite number" in msg
+    assert "serve.idle_timeout_s: nan is not a finite number" in msg
+    assert "pseudo_labels.sampling.temperature: -inf is not a finite number" in msg
+    assert validate(yaml.safe_load(yaml.safe_dump(DEMO)))  # the demo's numbers are all finite
+
+
+@pytest.mark.parametrize("name", ["t x;y", "../up", "-flag", ".hidden", "a/b", ""])
+def test_a_model_role_name_must_be_a_safe_name(config, name):
+    config["models"][name] = {"asset": "tiny-llama"}
+    assert f"models: {name!r} is not a valid name: letters, digits, '.', '_' and '-', first a letter or digit" in (
+        problems(config))
+
+
+def test_a_model_path_must_hold_a_config_and_a_tokenizer(config, tmp_path):
+    model = tmp_path / "teacher"
+    model.mkdir()
+    config["models"]["teacher"] = {"path": str(model)}
+    msg = problems(config)
+    assert (f"models.teacher.path: {str(model)!r} is not a model folder: no config.json; no tokenizer files "
+            f"(one of tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json, vocab.txt)") in msg
+    (model / "config.json").write_text("{}")
+    assert "no tokenizer files" in problems(config) and "no config.json" not in problems(config)
+    (model / "tokenizer_config.json").write_text("{}")
+    assert validate(config)["models"]["teacher"] == {"path": str(model)}
+
+
+def test_vllm_args_may_not_set_what_the_pool_sets_naming_the_key(config):
+    config["serve"]["vllm_args"] = ["--max-num-seqs", "8", "--host", "0.0.0.0"]
+    config["models"]["teacher"]["serve"] = {"vllm_args": ["--port=8000", "--dtype", "half"]}
+    msg = problems(config)
+    assert "serve.vllm_args: --host is set by the pool; servers listen on 127.0.0.1" in msg
+    assert "models.teacher.serve.vllm_args: --port=8000 is set by the pool" in msg
+    assert "models.teacher.serve.vllm_args: --dtype is set by the pool; set models.teacher.serve.dtype instead" in msg
+    assert "--max-num-seqs" not in msg
 
 
 # ---------------------------------------------------------------- router.build_labels

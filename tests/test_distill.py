@@ -349,3 +349,95 @@ def test_web_data_reads_c4_json_gz_shards_with_raw_content(tmp_path, tokenizer):
     assert len(pd.read_parquet(tmp_path / "train.parquet")) == counts["train"]
     with pytest.raises(RecordError, match=r"json\.gz:1: no field 'text'.*distill\.web\.text_field"):
         data.read_web(shard)  # the default field, text, is not there: the message says which key to set
+
+
+# ---------------------------------------------------------------- exposure and checkpoints
+
+RANK_SCRIPT = """
+import json, os, sys
+from modelmake.distill.train import init_world
+
+job = {"groups": 1, "ranks_per_group": 1, "teacher_mode": "service", "backend": "gloo",
+       "settings": {"collective_timeout_s": 60}, "scale": {"deepspeed": None}}
+init_world(job)
+import torch, torch.distributed as dist
+x = torch.ones(1)
+dist.all_reduce(x)
+mine = set()
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        mine.add(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:  # the listing's own descriptor, closed by now
+        pass
+listening = []
+for table in ("tcp", "tcp6"):
+    for line in open(f"/proc/self/net/{table}").read().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "0A" and f"socket:[{f[9]}]" in mine:  # LISTEN, a socket of this process
+            listening.append(f[1].split(":")[0])
+dist.barrier()
+print(json.dumps({"sum": x.item(), "listening": listening}))
+dist.destroy_process_group()
+"""
+LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as /proc/net writes them
+
+
+def test_a_stage_rendezvous_and_its_gloo_group_listen_on_loopback_only(tmp_path):
+    """torch's own rendezvous store listens on every interface, unauthenticated: a stage's world meets
+    on a socket the supervisor bound on 127.0.0.1 (rank 0 serves the store on it), Gloo on lo."""
+    import subprocess
+    import sys
+
+    from modelmake.distill.launch import rank_process_env
+    from modelmake.launch import rendezvous_listener
+
+    listener = rendezvous_listener()
+    ranks = []
+    try:
+        for rank in range(2):
+            env, fds = rank_process_env(rank, 2, listener, threads=1)
+            # Gloo binds the address the host name resolves to (127.0.0.1 on this test machine, a
+            # routable one on a cluster node) unless told the interface
+            assert env["GLOO_SOCKET_IFNAME"] == os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+            ranks.append(subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], env=env, pass_fds=fds,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        listener.close()
+        outs = [p.communicate(timeout=120) for p in ranks]
+    finally:
+        listener.close()
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in ranks] == [0, 0], [err[-2000:] for _, err in outs]
+    got = [json.loads(out.splitlines()[-1]) for out, _ in outs]
+    assert [g["sum"] for g in got] == [2.0, 2.0]
+    assert got[0]["listening"] and all(g["listening"] for g in got)  # the store (rank 0) and Gloo's pairs
+    assert {addr for g in got for addr in g["listening"]} <= LOOPBACK_HEX, got
+
+
+def test_a_checkpoint_state_round_trips_and_a_pickled_program_in_it_is_refused(tmp_path):
+    import pickle
+
+    from modelmake.distill.train import load_state, save_state
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
+    save_state(tmp_path, dict(model.state_dict()), opt, scaler)
+    saved = load_state(tmp_path, torch.device("cpu"))
+    assert torch.equal(saved["trainable"]["weight"], model.weight)
+    assert saved["optimizer"]["state"][0]["step"] == 1 and saved["scaler"]["scale"] == 128.0
+
+    marker = tmp_path / "ran"
+
+    class Payload:  # what a planted state.pt could hold: code that runs when unpickled
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"trainable": {}, "optimizer": Payload()}, tmp_path / "state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_state(tmp_path, torch.device("cpu"))
+    assert not marker.exists()

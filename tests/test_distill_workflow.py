@@ -15,11 +15,33 @@ from conftest import REPO, run_snakemake, small_config, write_config
 pytestmark = pytest.mark.slow
 
 
+def web_as_users_have_it(workdir: Path) -> dict[str, list[str]]:
+    """The demo's web text as C4-style shards users have: English a ``.json.gz`` shard, Chinese a
+    parquet, the text under ``raw_content`` (the same texts in the same order as the demo's jsonl).
+    Written once, so that a later config write leaves their mtimes alone."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = workdir / "raw/web"
+    en, zh = out / "c4-train.00000-of-00002.json.gz", out / "c4-zh.parquet"
+    if not en.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        rows = {lang: [json.loads(line) for line in (REPO / f"resources/demo/distill/web_{lang}.jsonl").read_text(
+            encoding="utf-8").splitlines()] for lang in ("en", "zh")}
+        moved = {lang: [{"raw_content": r.pop("text"), **r} for r in rs] for lang, rs in rows.items()}
+        pq.write_table(pa.Table.from_pylist(moved["zh"]), zh)
+        en.write_bytes(gzip.compress("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in moved["en"]).encode()))
+    return {"en": [str(en)], "zh": [str(zh)]}
+
+
 def distill_config(workdir: Path, **overrides) -> dict:
     cfg = small_config(workdir, **{
         "assets.models.tiny-llama.steps": 40, "assets.models.tiny-llama.batch_size": 8,
         "distill.stage1.steps": 8, "distill.stage2.steps": 8, "distill.stage1.save_every": 4,
-        "distill.stage2.save_every": 4, "distill.chat.max_rows": 80, "distill.max_len": 64, **overrides})
+        "distill.stage2.save_every": 4, "distill.chat.max_rows": 80, "distill.max_len": 64,
+        "distill.web.files": web_as_users_have_it(workdir), "distill.web.text_field": "raw_content", **overrides})
     return cfg
 
 
@@ -32,8 +54,14 @@ def run(tmp_path_factory):
 
 
 def test_demo_run_builds_every_stage_and_the_student_moves_towards_the_teacher(run):
+    """The web text comes as a .json.gz shard and a parquet whose text is raw_content
+    (distill.web.text_field), and reaches training (the web KL below)."""
+    from modelmake.files import read_provenance
+
     work, _ = run
     root = work / "results/distill/demo"
+    prov = read_provenance(root / "data/web/train.parquet")
+    assert prov["counts"]["texts"] == {"en": 240, "zh": 240} and prov["config"]["text_field"] == "raw_content"
     m = json.loads((root / "eval/metrics.json").read_text())
     chat = m["datasets"]["chat"]
     assert set(chat["perplexity"]) == {"teacher", "stage0", "stage1", "stage2"}

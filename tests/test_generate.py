@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from modelmake.errors import GenerationError, UserError
+from modelmake.errors import GenerationError, RecordError, UserError
 from modelmake.files import dumps
 from modelmake.generate import (GenerateSettings, Sampling, generate_shard, input_digest, journal_path,
                                 request_seed)
@@ -34,6 +34,7 @@ class FakeChatServer:
 
     def __init__(self):
         self.requests: list[dict] = []
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self.statuses: list[int] = []
         self.fail_first = 0
         self.bad_marker: str | None = None
@@ -45,6 +46,7 @@ class FakeChatServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 (http.server's naming)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.authorizations.append(self.headers.get("Authorization"))
                 status, reply = fake._answer(self.path, body)
                 data = json.dumps(reply).encode()
                 self.send_response(status)
@@ -195,6 +197,128 @@ def test_output_is_in_shard_order_and_original_trailing_assistant_turn_is_replac
     for r in rows:
         assert r["messages"] == conv(f"question {r['id']}", f"echo:question {r['id']}")
     assert len(fake_server.requests) == len(ids)
+
+
+# ---------------------------------------------------------------- tool turns, what is regenerated, unanswered ends
+
+
+def tool_call(cid: str, name: str, arguments: str) -> dict:
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+SYSTEM = {"role": "system", "content": "You can call get_weather."}
+CALL = {"role": "assistant", "content": "", "tool_calls": [tool_call("call_0", "get_weather", '{"city": "Paris"}')]}
+RESULT = {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_0", "name": "get_weather"}
+TOOL_CONVERSATION = [  # the canonical shape modelmake.reformat writes (chat.plain_messages)
+    SYSTEM, {"role": "user", "content": "Weather in Paris?", "name": "alice"}, CALL, RESULT,
+    {"role": "assistant", "content": "ORIG it is 21"},
+    {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": ""},  # an empty answer
+    {"role": "user", "content": "Bye"},  # ends on a user turn
+]
+
+
+def test_tool_turns_are_sent_as_context_and_every_other_assistant_turn_is_regenerated(tmp_path, fake_server):
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": "t1", "messages": TOOL_CONVERSATION}])
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    generate_shard(shard, out, fake_server.factory(), settings(concurrency=1), show_progress=False)
+
+    [row] = read_rows(out)
+    user = TOOL_CONVERSATION[1]
+    expected = [SYSTEM, user, CALL, RESULT, {"role": "assistant", "content": "echo:Weather in Paris?"},
+                {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "echo:Thanks"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "echo:Bye"}]
+    assert row["messages"] == expected  # the empty answer regenerated, the ending user turn answered
+    # each request: the conversation so far in the OpenAI format, the tool call and its output as given
+    assert [b["messages"] for b in fake_server.requests] == [expected[:4], expected[:6], expected[:8]]
+    assert not fake_server.requests_containing("ORIG")
+    assert row["generation"]["turns"] == 3
+
+
+def test_regenerate_last_rewrites_only_the_final_answer_and_keeps_the_earlier_ones(tmp_path, fake_server):
+    ends_on_answer = TOOL_CONVERSATION[:-1]
+    ends_on_answer[-1] = {"role": "assistant", "content": "ORIG last", "name": "bot"}
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": "a", "messages": ends_on_answer},
+                                                    {"id": "u", "messages": TOOL_CONVERSATION}])
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    generate_shard(shard, out, fake_server.factory(), settings(regenerate="last"), show_progress=False)
+
+    a, u = read_rows(out)
+    assert a["messages"] == [*ends_on_answer[:-1], {"role": "assistant", "content": "echo:Thanks", "name": "bot"}]
+    assert u["messages"] == [*TOOL_CONVERSATION, {"role": "assistant", "content": "echo:Bye"}]
+    assert sorted(len(b["messages"]) for b in fake_server.requests) == [6, 8]  # one request each
+    assert a["generation"]["turns"] == u["generation"]["turns"] == 1
+
+
+def test_drop_leaves_out_conversations_ending_on_a_user_turn_and_counts_them(tmp_path, fake_server):
+    records = [{"id": "u", "messages": TOOL_CONVERSATION},
+               {"id": "t", "messages": TOOL_CONVERSATION[:4]},  # ends on a tool's output: awaits a reply too
+               {"id": "c", "messages": TOOL_CONVERSATION[:3]},  # ends on a tool call: nothing awaits a reply
+               {"id": "a", "messages": conv("q", "a")}]
+    shard = write_shard(tmp_path / "shard0.jsonl", records)
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    counts = generate_shard(shard, out, fake_server.factory(), settings(ending_user_turn="drop"),
+                            show_progress=False)
+
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == ["u", "t", "c", "a"]
+    assert [r["messages"] for r in rows[:2]] == [None, None]
+    assert "ends on a user turn (pseudo_labels.ending_user_turn: drop)" in rows[0]["dropped"]
+    assert "ends on a tool turn" in rows[1]["dropped"]
+    assert rows[2]["messages"] == TOOL_CONVERSATION[:3] and rows[2]["generation"]["turns"] == 0
+    assert rows[3]["messages"] == conv("q", "echo:q")
+    assert counts["dropped"] == 2 and counts["generated"] == 2 and counts["failed"] == 0
+    assert not fake_server.requests_containing("Bye")
+    # a shard whose every record is dropped needs no server
+    write_shard(shard, records[:2])
+    assert generate_shard(shard, out, refuse_server(), settings(ending_user_turn="drop"),
+                          show_progress=False)["dropped"] == 2
+
+
+def test_merge_counts_dropped_records_apart_from_failed_ones(tmp_path, fake_server):
+    from modelmake.chat import read_conversations
+    from modelmake.pseudo_labels.merge import merge_shards
+
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": "u", "messages": TOOL_CONVERSATION},
+                                                    {"id": "a", "messages": TOOL_CONVERSATION[:5]}])
+    out = tmp_path / "out" / "shard0.jsonl"
+    generate_shard(shard, out, fake_server.factory(), settings(ending_user_turn="drop"), show_progress=False)
+
+    stats = merge_shards([out], tmp_path / "labels.parquet", tmp_path / "stats.json", tmp_path / "lengths.png",
+                         config={})
+
+    assert (stats["records"], stats["ok"], stats["dropped"], stats["failed"]) == (2, 1, 1, 0)
+    assert read_conversations(tmp_path / "labels.parquet") == [
+        ("a", [*TOOL_CONVERSATION[:4], {"role": "assistant", "content": "echo:Weather in Paris?"}])]
+
+
+def test_a_changed_tool_call_is_not_reused_from_the_journal_and_plain_digests_are_unchanged():
+    import hashlib
+
+    plain = conv("q", "a", "q2")
+    old_digest = hashlib.sha256(json.dumps([["user", "q"], ["user", "q2"]]).encode()).hexdigest()[:16]
+    assert input_digest(plain) == old_digest  # journals written before tool turns stay reusable
+    edited = json.loads(json.dumps(TOOL_CONVERSATION))
+    edited[2]["tool_calls"][0]["function"]["arguments"] = '{"city": "Lyon"}'
+    assert input_digest(edited) != input_digest(TOOL_CONVERSATION)
+    answer_edited = [*TOOL_CONVERSATION[:4], {"role": "assistant", "content": "other"}, *TOOL_CONVERSATION[5:]]
+    assert input_digest(answer_edited) == input_digest(TOOL_CONVERSATION)  # regenerated anyway
+    assert input_digest(answer_edited, "last") != input_digest(TOOL_CONVERSATION, "last")  # kept as context
+
+
+def test_max_conversation_tokens_cuts_back_to_the_last_answer_past_tool_turns(tmp_path, fake_server):
+    fake_server.usage = lambda body, answer: (100 * len(body["messages"]), 50)
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": "t", "messages": [
+        *conv("u1", "a1"), {"role": "user", "content": "u2"}, CALL, RESULT, {"role": "assistant", "content": "a2"}]}])
+    out = tmp_path / "out" / "shard0.jsonl"
+
+    generate_shard(shard, out, fake_server.factory(), settings(max_conversation_tokens=150), show_progress=False)
+
+    [row] = read_rows(out)
+    assert row["messages"] == conv("u1", "echo:u1")  # the user turn and tool turns after it dropped too
+    assert row["generation"]["truncated"] is True and len(fake_server.requests) == 1
 
 
 # ---------------------------------------------------------------- max_conversation_tokens
@@ -451,6 +575,94 @@ def test_changed_sampling_settings_regenerate_everything(tmp_path, fake_server):
     assert len(fake_server.requests) == 2
 
 
+def torn_journal(tmp_path: Path, ids: list[str], tail: bytes) -> tuple[Path, Path, Path]:
+    """A shard of ``ids`` (questions in Chinese), its journal holding every id but the last fully,
+    then ``tail``."""
+    shard = write_shard(tmp_path / "shard0.jsonl",
+                        [{"id": i, "messages": conv(f"问题 {i}", f"回答 {i}")} for i in ids])
+    out = tmp_path / "out" / "shard0.jsonl"
+    s = settings()
+    rows = [{"id": i, "messages": conv(f"问题 {i}", f"来自日志 {i}"),
+             "generation": {"model": "teacher", "fingerprint": s.fingerprint(),
+                            "input": input_digest(conv(f"问题 {i}", f"回答 {i}")), "usage": {}}} for i in ids]
+    jpath = journal_path(out)
+    jpath.parent.mkdir(parents=True)
+    jpath.write_bytes(b"".join((dumps(r) + "\n").encode() for r in rows[:-1]) + tail)
+    return shard, out, jpath
+
+
+def test_a_journal_torn_inside_a_multibyte_character_is_dropped_and_regenerated(tmp_path, fake_server):
+    """Disk full or a node crash in the middle of 日 (3 bytes in UTF-8): the last line ends in its
+    first byte. A rerun drops that line, whatever its bytes, and regenerates only that record."""
+    last = dumps({"id": "c", "messages": conv("问题 c", "来自日志 c")}).encode()
+    cut = last.index("日".encode()) + 1
+    shard, out, jpath = torn_journal(tmp_path, ["a", "b", "c"], last[:cut])
+    with pytest.raises(UnicodeDecodeError):
+        last[:cut].decode()
+
+    counts = generate_shard(shard, out, fake_server.factory(), settings(), show_progress=False)
+
+    assert counts["reused"] == 2 and counts["generated"] == 1
+    assert [b["messages"][0]["content"] for b in fake_server.requests] == ["问题 c"]
+    assert [r["messages"][-1]["content"] for r in read_rows(out)] == ["来自日志 a", "来自日志 b", "echo:问题 c"]
+
+
+def test_a_damaged_line_before_the_last_is_an_error_naming_the_journal_line(tmp_path):
+    shard, out, jpath = torn_journal(tmp_path, ["a", "b", "c"], b"")
+    lines = jpath.read_bytes().splitlines(keepends=True)
+    jpath.write_bytes(lines[0][:30] + b"\xe6\n" + lines[1])  # line 1 cut mid-character, then line 2
+    with pytest.raises(GenerationError, match=f"damaged journal line {jpath}:1 .*Delete that line"):
+        generate_shard(shard, out, refuse_server(), settings(), show_progress=False)
+
+
+def test_duplicate_ids_in_a_generation_input_are_refused_with_file_and_line(tmp_path):
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": i, "messages": conv(f"q {i}")} for i in ("a", "b", "a")])
+    with pytest.raises(RecordError, match=f"duplicate id 'a' in {shard}:3 \\(first at line 1\\)"):
+        generate_shard(shard, tmp_path / "out.jsonl", refuse_server(), settings(), show_progress=False)
+
+
+def test_the_client_sends_the_pools_key_and_ignores_proxy_settings(tmp_path, fake_server, monkeypatch):
+    """A login node's proxy variables, pointing at a proxy that is down, must not touch pool traffic."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    shard = simple_shard(tmp_path, ["a", "b"])
+    pool = {"url": fake_server.url, "api_key": "k3y", "model": "teacher"}  # a proxy.ready record
+
+    counts = generate_shard(shard, tmp_path / "out.jsonl", lambda: contextlib.nullcontext(pool),
+                            settings(retries=0), show_progress=False)
+
+    assert counts["generated"] == 2 and counts["failed"] == 0
+    assert fake_server.authorizations == ["Bearer k3y", "Bearer k3y"]
+
+
+def test_the_progress_bar_keeps_its_failure_count_in_constant_time_per_record(tmp_path, monkeypatch):
+    """The bar's failure count is kept as records finish; recounting every result so far at each
+    record made a shard quadratic. Rows count how often anyone asks them whether they failed."""
+    from modelmake import generate
+
+    asked = [0]
+
+    class Row(dict):
+        def __contains__(self, key):
+            asked[0] += 1
+            return super().__contains__(key)
+
+    async def instant(records, url, s, journal, progress=None, api_key=None):  # a server that fails at once
+        for r in records:
+            progress(Row(id=r["id"], messages=None, error="HTTP 400", generation={}))
+        return 0, len(records)
+
+    monkeypatch.setattr(generate, "generate_records", instant)
+    n = 300
+    shard = write_shard(tmp_path / "shard0.jsonl", [{"id": str(i), "messages": conv(f"q {i}")} for i in range(n)])
+    counts = generate_shard(shard, tmp_path / "out.jsonl", lambda: contextlib.nullcontext("http://unused"),
+                            settings(max_failure_share=1.0), show_progress=False)
+    assert counts["failed"] == n
+    assert asked[0] <= 4 * n  # a few questions per record; the recount asked n * (n + 1) / 2 of them
+
+
 def test_extra_body_fields_reach_every_request(tmp_path, fake_server):
     """The router judge's structured-output constraint travels in the request body (vLLM reads it there)."""
     extra = {"structured_outputs": {"choice": ["Rating: [[1]]", "Rating: [[2]]"]}}
@@ -487,9 +699,23 @@ def test_fingerprint_follows_what_is_generated_not_how_fast():
         settings(model="other"),
         settings(max_conversation_tokens=1000),
         settings(extra_body={"structured_outputs": {"choice": ["Rating: [[1]]"]}}),
+        settings(regenerate="last"),
     ]
     assert all(c.fingerprint() != fp for c in changed)
     same = [settings(concurrency=64), settings(retries=0), settings(backoff_s=3.0),
             settings(request_timeout_s=1.0), settings(max_failure_share=0.5),
-            settings(config_key="arena.response_pairs")]
+            settings(config_key="arena.response_pairs"),
+            settings(ending_user_turn="drop")]  # which records are generated, not how
     assert all(c.fingerprint() == fp for c in same)
+
+
+def test_the_default_fingerprint_is_the_one_journals_had_before_tool_turns():
+    """regenerate: assistant (the default) adds nothing to the fingerprint, so journals written before
+    the key existed are reused after an upgrade."""
+    import hashlib
+    from dataclasses import asdict
+
+    s = settings()
+    key = {"model": s.model, "teacher": s.teacher_source, "sampling": asdict(s.sampling),
+           "max_conversation_tokens": s.max_conversation_tokens}
+    assert s.fingerprint() == hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -101,11 +101,71 @@ def session_processes(session: int, needle: str) -> list[int]:
     return found
 
 
+# Tool use as users have it: ShareGPT (glaive / LLaMA-Factory: a system field, function_call and
+# observation turns, parallel calls), OpenAI messages (tool_calls with null content, tool messages with
+# tool_call_id and name, legacy function_call / function), names, an empty answer, conversations ending
+# on a user turn; in a .jsonl.gz that starts with a byte-order mark, and a parquet.
+TOOL_RECORDS = [
+    {"id": "glaive-1", "system": "You can call get_weather.", "tools": "[]", "conversations": [
+        {"from": "human", "value": "What is the weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"temp": 21}'},
+        {"from": "gpt", "value": "ORIGINAL It is 21 degrees in Paris."},
+        {"from": "human", "value": "And in Rome and Oslo?"},
+        {"from": "function_call", "value": '[{"name": "get_weather", "arguments": {"city": "Rome"}}, '
+                                           '{"name": "get_weather", "arguments": {"city": "Oslo"}}]'},
+        {"from": "observation", "value": '{"temp": 25, "sky": "clear"}'},
+        {"from": "observation", "value": '{"temp": 8, "sky": "rain", "wind": "strong"}'},
+        {"from": "gpt", "value": ""},
+        {"from": "human", "value": "Thanks, which one is warmer?"}]},
+    {"id": "glaive-2", "system": "", "conversations": [
+        {"from": "human", "value": "Can you book a table for two?"},
+        {"from": "function_call", "value": '{"name": "book_table", "arguments": "{\\"people\\": 2}"}'},
+        {"from": "observation", "value": "booked"},
+        {"from": "gpt", "value": "ORIGINAL Done, your table is booked."}]},
+    {"id": "ultra-empty", "data": ["How do I start learning to cook?", ""]},
+    {"id": "asks-last", "conversations": [{"from": "human", "value": "Tell me about the moon."}]},
+]
+TOOL_TABLE = [
+    {"id": "oai-1", "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 plus 3?", "name": "alice"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c-9", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+        {"role": "tool", "tool_call_id": "c-9", "name": "add", "content": "5"},
+        {"role": "assistant", "content": "ORIGINAL 5.", "name": "calc-bot"}]},
+    {"id": "oai-legacy", "messages": [
+        {"role": "user", "content": "What time is it?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "now", "arguments": "{}"}},
+        {"role": "function", "name": "now", "content": "12:00"},
+        {"role": "assistant", "content": None}]},
+]
+
+
+def add_tool_dataset(workdir: Path, cfg: dict) -> None:
+    """The tool-use records as a third dataset of the pseudo-label run (two small files)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = workdir / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in TOOL_RECORDS)
+    (raw / "chat_tools.jsonl.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + lines.encode()))
+    pq.write_table(pa.Table.from_pylist(TOOL_TABLE), raw / "chat_tools.parquet")
+    cfg["datasets"]["chat_tools"] = {"splits": {"train": [str(raw / "chat_tools.jsonl.gz"),
+                                                          str(raw / "chat_tools.parquet")]}}
+    cfg["pseudo_labels"]["datasets"] = [*cfg["pseudo_labels"]["datasets"], "chat_tools"]
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A workflow folder whose first run was killed mid-shard (kill -9) and then rerun to the end."""
+    """A workflow folder whose first run was killed mid-shard (kill -9) and then rerun to the end;
+    with the tool-use dataset beside the demo's two."""
     wd = tmp_path_factory.mktemp("pl")
     cfg = pl_config(wd, **{"pseudo_labels.concurrency": 2})
+    add_tool_dataset(wd, cfg)
     write_config(wd, cfg)
     run = Started(wd)
     journal = wd / "results/pseudo_labels/chat_en/teacher/part0/.journal/shard0.jsonl"
@@ -185,6 +245,61 @@ def test_report_holds_the_stats_and_plot(built):
     assert any(n.endswith("lengths.png") for n in names) and any(n.endswith("stats.json") for n in names)
 
 
+def test_tool_conversations_go_through_reformat_and_generation(built):
+    """The tool-use records reach the teacher (vLLM's chat endpoint, the demo template rendering tool
+    calls and outputs): every plain assistant turn regenerated, the empty one too, conversations
+    ending on a user turn answered; tool calls, tool outputs, system and names kept as given. The
+    demo tokenizer spends many tokens on JSON, so glaive-1 reaches max_conversation_tokens (384)
+    before its last reply: it ends after its second answer, both tool rounds in it."""
+    import pandas as pd
+
+    from modelmake.chat import is_tool_call, read_conversations
+
+    def context(messages):
+        return [m for m in messages if m["role"] != "assistant" or is_tool_call(m)]
+
+    def answers(messages):
+        return [m["content"] for m in messages if m["role"] == "assistant" and not is_tool_call(m)]
+
+    wd = built["wd"]
+    data = wd / "results/data/chat_tools/reformatted"
+    assert json.loads((data / "train.stats.json").read_text())["rejected"] == 0
+    given = dict(read_conversations(data / "train.parquet"))
+    labels = wd / "results/pseudo_labels/chat_tools/teacher/labels.parquet"
+    stats = json.loads((labels.parent / "stats.json").read_text())
+    assert (stats["ok"], stats["failed"], stats["dropped"]) == (len(given), 0, 0) and len(given) == 6
+    got = dict(read_conversations(labels))
+    truncated = pd.read_parquet(labels).set_index("id")["truncated"].to_dict()
+    assert set(got) == set(given) and [rid for rid, t in truncated.items() if t] == ["glaive-1"]
+    for rid, messages in got.items():
+        src = given[rid]
+        assert messages[-1]["role"] == "assistant" and not is_tool_call(messages[-1]), rid
+        assert not any(a.startswith("ORIGINAL") for a in answers(messages)), rid
+        if rid == "glaive-1":
+            assert context(messages) == context(src)[:-1] and len(answers(messages)) == 2  # all but "Thanks..."
+            continue
+        assert context(messages) == context(src), rid
+        assert len(answers(messages)) == len(answers(src)) + (src[-1]["role"] == "user"), rid
+    assert got["glaive-1"][0] == {"role": "system", "content": "You can call get_weather."}
+    assert [c["function"]["name"] for c in got["glaive-1"][6]["tool_calls"]] == ["get_weather"] * 2
+    assert got["oai-1"][1]["name"] == "alice" and got["oai-1"][3]["tool_call_id"] == "c-9"
+    assert got["oai-1"][4]["name"] == "calc-bot"
+    assert len(got["asks-last"]) == 2 and len(got["ultra-empty"]) == 2  # the reply asked for; the empty one
+    # what vLLM counted as each one-request prompt is the demo template's rendering of the context,
+    # tool calls (arguments as objects) and outputs included: the teacher saw them
+    from transformers import AutoTokenizer
+
+    from modelmake.chat import template_messages
+
+    tok = AutoTokenizer.from_pretrained(wd / "results/assets/tokenizer")
+    prompt_tokens = pd.read_parquet(labels).set_index("id")["prompt_tokens"].to_dict()
+    for rid in ("glaive-2", "oai-1", "oai-legacy"):
+        prompt = tok.apply_chat_template(template_messages(got[rid][:-1]), add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
+        assert prompt_tokens[rid] == len(prompt), rid
+        assert "<tool_call>" in tok.decode(prompt), rid
+
+
 def assistant_answers(labels: Path) -> dict[str, list[str]]:
     import pandas as pd
 
@@ -212,20 +327,26 @@ def test_changing_a_sampling_parameter_marks_generation_stale(built):
         out = run_snakemake(wd, "-n").stdout
     finally:
         write_config(wd, built["cfg"])
-    assert re.search(r"generate_shard\s+4\b", out)
+    assert re.search(r"generate_shard\s+6\b", out)  # 3 datasets x 2 shards
     assert "Params have changed since last execution" in out
     assert not re.search(r"^reformat\s", out.split("Job stats:")[1].split("total")[0], re.M)
 
 
+# a login node's proxy settings, pointing at a proxy that is down: pool traffic must not use them
+DEAD_PROXY = {**{v: "http://127.0.0.1:9" for v in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY",
+                                                   "HTTPS_PROXY", "ALL_PROXY")}, "no_proxy": "", "NO_PROXY": ""}
+
+
 @pytest.fixture(scope="module")
 def served_by_path(built, tmp_path_factory):
-    """A second folder whose teacher is a model path (no assets), run while one server is killed."""
+    """A second folder whose teacher is a model path (no assets), run while one server is killed, with
+    proxy variables set to a dead proxy."""
     wd = tmp_path_factory.mktemp("pl_path")
     cfg = pl_config(wd, **{"pseudo_labels.concurrency": 4})
     cfg["models"]["teacher"] = {"path": str(built["wd"] / "results/assets/models/tiny-llama")}
     del cfg["assets"]
     write_config(wd, cfg)
-    run = Started(wd)
+    run = Started(wd, extra_env=DEAD_PROXY)
     try:
         ready = pool_folder(wd) / "server0.ready"
         journal = wd / "results/pseudo_labels/chat_en/teacher/part0/.journal/shard0.jsonl"

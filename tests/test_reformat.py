@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from modelmake.chat import plain_messages
 from modelmake.errors import RecordError
 from modelmake.reformat import reformat_files
 
@@ -24,7 +25,8 @@ def write_lines(path: Path, lines: list[bytes]) -> Path:
 
 
 def read_rows(path: Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
+    """The rows with each conversation as consumers read it (the fields set: chat.plain_messages)."""
+    return [{**r, "messages": plain_messages(r["messages"])} for r in pq.read_table(path).to_pylist()]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -69,14 +71,17 @@ def test_all_three_shapes_become_id_and_role_content_messages(tmp_path):
     ]
 
 
-def test_output_schema_is_string_id_and_list_of_role_content_structs(tmp_path):
+def test_output_schema_is_string_id_and_list_of_openai_message_structs(tmp_path):
     src = write_lines(tmp_path / "in.jsonl", [jline({"id": "a", "data": ["q", "a"]})])
     out = tmp_path / "out.parquet"
     reformat_files([src], out)
     schema = pq.read_schema(out)
     assert schema.names == ["id", "messages"]
     assert str(schema.field("id").type) == "string"
-    assert str(schema.field("messages").type) == "list<element: struct<role: string, content: string>>"
+    assert str(schema.field("messages").type) == (
+        "list<element: struct<role: string, content: string, name: string, tool_calls: list<element: "
+        "struct<id: string, type: string, function: struct<name: string, arguments: string>>>, "
+        "tool_call_id: string>>")
 
 
 def test_several_input_files_are_concatenated_in_order(tmp_path):
@@ -151,6 +156,29 @@ MALFORMED = [
         {"role": "user", "content": "q"}, {"role": "user", "content": "q2"}]}),
      "turns out of order", "expected 'assistant'"),
     ("duplicate_id", jline({"id": "g1", "data": ["other", "content"]}), "duplicate id", "duplicate id 'g1'"),
+    ("function_call_not_json", jline({"id": "b", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "function_call", "value": "get_weather(Paris)"}]}),
+     "bad tool call", '"conversations" item 1 "value" is not a JSON tool call'),
+    ("tool_arguments_not_an_object", jline({"id": "b", "messages": [{"role": "user", "content": "q"}, {
+        "role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": '"Paris"'}}]}]}),
+     "bad tool call", '"arguments" must be a JSON object, got str'),
+    ("tool_call_without_name", jline({"id": "b", "messages": [{"role": "user", "content": "q"}, {
+        "role": "assistant", "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}]}),
+     "bad tool call", 'no function "name"'),
+    ("tool_output_after_a_user_turn", jline({"id": "b", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "observation", "value": "{}"}]}),
+     "turns out of order", "turn 1 is 'tool', expected 'assistant'"),
+    ("user_turn_after_a_tool_call", jline({"id": "b", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f", "arguments": {}}'},
+        {"from": "human", "value": "q2"}]}),
+     "turns out of order", "turn 2 is 'user', expected 'tool'"),
+    ("system_field_and_system_message", jline({"id": "b", "system": "s1", "messages": [
+        {"role": "system", "content": "s2"}, {"role": "user", "content": "q"}]}),
+     "turns out of order", 'a "system" field and a system message'),
+    ("name_not_a_string", jline({"id": "b", "messages": [{"role": "user", "content": "q", "name": 5}]}),
+     "wrong type", '"name" must be a string, got int'),
+    ("null_user_content", jline({"id": "b", "messages": [{"role": "user", "content": None}]}),
+     "wrong type", "must be a string, got NoneType"),
 ]
 
 
@@ -319,3 +347,167 @@ def test_gzip_json_lines_and_a_table_null_column_reformat_alike(tmp_path):
     out = tmp_path / "out.parquet"
     reformat_files([gz, table], out)
     assert [r["id"] for r in read_rows(out)] == ["g1", "g4", "t1"]
+
+
+def test_a_split_without_records_is_an_error_naming_the_key_unless_allowed(tmp_path):
+    empty = write_lines(tmp_path / "empty.jsonl", [])
+    out = tmp_path / "out.parquet"
+    with pytest.raises(RecordError, match=f"no records in {empty} \\(0 read, 0 rejected\\).*"
+                                          "Check datasets.chat.splits, or set datasets.chat.allow_empty: true"):
+        reformat_files([empty], out, config_key="datasets.chat")
+    assert not out.exists()
+    bad = write_lines(tmp_path / "bad.jsonl", [b'{"id": "x"}'])  # every record rejected
+    with pytest.raises(RecordError, match="\\(1 read, 1 rejected\\)"):
+        reformat_files([bad], out, on_error="skip", config_key="datasets.chat")
+    stats = reformat_files([empty], out, allow_empty=True)
+    assert stats.written == 0 and pq.read_table(out).num_rows == 0
+
+
+# --- tool turns, a system field, names: the canonical OpenAI shape ------------------------------
+
+GLAIVE = {  # ShareGPT as glaive / LLaMA-Factory write tool use: a system field, function_call and observation
+    "id": "glaive-1",
+    "system": "You can call get_weather.",
+    "tools": '[{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]',
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"temp": 21}'},
+        {"from": "gpt", "value": "It is 21 degrees."},
+        {"from": "human", "value": "And Rome and Oslo?"},
+        {"from": "function_call", "value": '[{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}, '
+                                           '{"name": "get_weather", "parameters": {"city": "Oslo"}}]'},
+        {"from": "observation", "value": '{"temp": 25}'},
+        {"from": "observation", "value": '{"temp": 8}'},
+        {"from": "gpt", "value": ""},  # an empty answer: kept, the teacher regenerates it
+        {"from": "human", "value": "Thanks!"},  # ends on a user turn: kept (pseudo_labels.ending_user_turn)
+    ],
+}
+
+
+def call(cid: str, name: str, arguments: str) -> dict:
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+GLAIVE_MESSAGES = [
+    {"role": "system", "content": "You can call get_weather."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [call("call_0", "get_weather", '{"city": "Paris"}')]},
+    {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_0"},
+    {"role": "assistant", "content": "It is 21 degrees."},
+    {"role": "user", "content": "And Rome and Oslo?"},
+    {"role": "assistant", "content": "", "tool_calls": [call("call_1", "get_weather", '{"city": "Rome"}'),
+                                                        call("call_2", "get_weather", '{"city": "Oslo"}')]},
+    {"role": "tool", "content": '{"temp": 25}', "tool_call_id": "call_1"},
+    {"role": "tool", "content": '{"temp": 8}', "tool_call_id": "call_2"},
+    {"role": "assistant", "content": ""},
+    {"role": "user", "content": "Thanks!"},
+]
+
+OPENAI = {  # OpenAI messages: tool_calls with null content, tool messages with tool_call_id and name
+    "id": "oai-1",
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+3?", "name": "alice"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c-9", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+        {"role": "tool", "tool_call_id": "c-9", "name": "add", "content": "5"},
+        {"role": "assistant", "content": "5.", "name": "calc-bot", "tool_calls": []},  # [] is no call
+    ],
+}
+
+OPENAI_MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+3?", "name": "alice"},
+    {"role": "assistant", "content": "", "tool_calls": [call("c-9", "add", '{"a": 2, "b": 3}')]},
+    {"role": "tool", "content": "5", "name": "add", "tool_call_id": "c-9"},
+    {"role": "assistant", "content": "5.", "name": "calc-bot"},
+]
+
+LEGACY = {  # OpenAI's legacy functions: an assistant function_call, a function message with the result
+    "id": "legacy-1",
+    "messages": [
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "now", "arguments": "{}"}},
+        {"role": "function", "name": "now", "content": "12:00"},
+        {"role": "assistant", "content": None},  # null content, no call: an empty answer
+    ],
+}
+
+LEGACY_MESSAGES = [
+    {"role": "user", "content": "Time?"},
+    {"role": "assistant", "content": "", "tool_calls": [call("call_0", "now", "{}")]},
+    {"role": "tool", "content": "12:00", "name": "now", "tool_call_id": "call_0"},
+    {"role": "assistant", "content": ""},
+]
+
+
+def test_tool_turns_a_system_field_and_names_become_openai_messages(tmp_path):
+    src = write_lines(tmp_path / "tools.jsonl", [b"\xef\xbb\xbf" + jline(GLAIVE), jline(OPENAI), jline(LEGACY)])
+    out = tmp_path / "out.parquet"
+
+    stats = reformat_files([src], out)
+
+    assert (stats.read, stats.written, stats.rejected) == (3, 3, 0)
+    assert read_rows(out) == [{"id": "glaive-1", "messages": GLAIVE_MESSAGES},
+                              {"id": "oai-1", "messages": OPENAI_MESSAGES},
+                              {"id": "legacy-1", "messages": LEGACY_MESSAGES}]
+
+
+def test_an_empty_system_field_is_ignored_and_a_mapped_one_is_read(tmp_path):
+    src = write_lines(tmp_path / "in.jsonl", [
+        jline({"id": "a", "system": "", "data": ["q", "a"]}),
+        jline({"id": "b", "prompt_system": "Be kind.", "conversations": [{"from": "human", "value": "q"}]}),
+    ])
+    out = tmp_path / "out.parquet"
+    reformat_files([src], out, fields={"system": "prompt_system"})
+    assert [r["messages"] for r in read_rows(out)] == [
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "q"}],
+    ]
+
+
+def test_tool_conversations_read_alike_from_jsonl_gz_parquet_and_a_datasets_folder(tmp_path):
+    """The same conversations through the three other shapes users keep them in: in a table every
+    row has every field (null where a message has none), arguments stay JSON text."""
+    import gzip
+
+    import datasets
+    import pyarrow as pa
+
+    gz = tmp_path / "tools.jsonl.gz"
+    gz.write_bytes(gzip.compress(b"\xef\xbb\xbf" + jline(GLAIVE)))
+    table = tmp_path / "tools.parquet"
+    pq.write_table(pa.Table.from_pylist([OPENAI, LEGACY]), table)
+    folder = tmp_path / "tools_ds"
+    datasets.Dataset.from_list([{**OPENAI, "id": "oai-2"}, {**LEGACY, "id": "legacy-2"}]).save_to_disk(str(folder))
+    out = tmp_path / "out.parquet"
+
+    stats = reformat_files([gz, table, folder], out)
+
+    assert stats.written == 5
+    assert read_rows(out) == [
+        {"id": "glaive-1", "messages": GLAIVE_MESSAGES},
+        {"id": "oai-1", "messages": OPENAI_MESSAGES}, {"id": "legacy-1", "messages": LEGACY_MESSAGES},
+        {"id": "oai-2", "messages": OPENAI_MESSAGES}, {"id": "legacy-2", "messages": LEGACY_MESSAGES},
+    ]
+
+
+def test_a_bad_tool_turn_in_a_table_is_named_by_its_row(tmp_path):
+    import datasets
+
+    folder = tmp_path / "tools_ds"
+    datasets.Dataset.from_list([
+        {"id": "ok", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "bad", "conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f(1)"}]},
+        {"id": "robot", "conversations": [{"from": "robot", "value": "q"}]},
+    ]).save_to_disk(str(folder))
+    out, rejects = tmp_path / "out.parquet", tmp_path / "rejects.jsonl"
+
+    with pytest.raises(RecordError, match=re.escape(f"bad record in {folder}:row 2: ") + ".*not a JSON tool call"):
+        reformat_files([folder], out)
+    stats = reformat_files([folder], out, on_error="skip", rejects=rejects)
+
+    assert [r["id"] for r in read_rows(out)] == ["ok"]
+    assert [(r["row"], r["kind"]) for r in read_jsonl(rejects)] == [(2, "bad tool call"), (3, "unknown role")]
+    assert stats.reasons == {"bad tool call": 1, "unknown role": 1}

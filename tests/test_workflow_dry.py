@@ -214,6 +214,8 @@ def test_a_configfile_is_the_whole_config_nothing_of_the_demo_leaks_in(tmp_path)
     """Only what the user's file says: no demo section, key or default from config.yaml."""
     model = tmp_path / "teacher"
     model.mkdir()
+    for name in ("config.json", "tokenizer.json"):  # what the config check looks for
+        (model / name).write_text("{}")
     c = small_config(tmp_path)
     user = {"results": c["results"], "seed": 1, "models": {"teacher": {"path": str(model)}},
             "datasets": {"chat_en": c["datasets"]["chat_en"]},

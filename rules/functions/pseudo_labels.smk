@@ -6,7 +6,8 @@ PL = config["pseudo_labels"]
 
 def pl_recipe():
     """The pseudo-label settings that shape a dataset's labels (recorded in its provenance)."""
-    keys = ["split", "partitions", "shards_per_partition", "sampling", "max_conversation_tokens", "teacher"]
+    keys = ["split", "partitions", "shards_per_partition", "sampling", "max_conversation_tokens", "teacher",
+            "regenerate", "ending_user_turn"]
     return {k: PL[k] for k in keys}
 
 

@@ -13,6 +13,7 @@ import random
 import time
 from pathlib import Path
 
+from modelmake.chat import template_messages
 from modelmake.files import write_provenance
 from modelmake.training import seed_everything
 
@@ -22,14 +23,21 @@ BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 HEADER_START, HEADER_END, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, HEADER_START, HEADER_END, EOT]
 
-# Llama-3 style: every message is "<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>".
-# The assistant turns are wrapped in {% generation %} so transformers can build assistant masks.
+# Llama-3 style: every message is "<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>";
+# an assistant turn's tool calls follow its content as <tool_call>{"name": ..., "arguments": ...}</tool_call>,
+# a tool's output is a "tool" turn. The assistant turns are wrapped in {% generation %} so transformers
+# can build assistant masks.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
     "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{{ message['content'] | trim + '<|eot_id|>' }}"
+    "{{ message['content'] | trim }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>' + {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson"
+    " + '</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|eot_id|>' }}"
     "{% endgeneration %}{% else %}"
     "{{ message['content'] | trim + '<|eot_id|>' }}"
     "{% endif %}"
@@ -131,7 +139,7 @@ def build_tiny_llama(
 
     conversations = []
     for p in sorted(map(str, corpora)):
-        conversations += [list(m) for m in pd.read_parquet(p, columns=["messages"])["messages"]]
+        conversations += [template_messages(m) for m in pd.read_parquet(p, columns=["messages"])["messages"]]
     ids = [
         tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"][:max_len]
         for c in conversations

@@ -1,9 +1,28 @@
-"""Assistant-only loss masks for any chat template.
+"""Conversations: the canonical message shape every pipeline reads, and assistant-only loss masks
+for any chat template.
 
-``assistant_mask(tokenizer, messages)`` tokenizes a conversation with the tokenizer's chat template
+**The canonical conversation** (what :mod:`modelmake.reformat` writes, the pseudo-label shards,
+generation and merge carry, and distillation, self-play and the demo assets read) is the OpenAI
+chat format, in four roles:
+
+* ``system``: only as the first message (a record's top-level ``system`` field becomes it);
+* ``user``;
+* ``assistant``: ``content`` (a string, ``""`` when empty), and ``tool_calls`` when the turn calls
+  tools: ``[{id, type: "function", function: {name, arguments}}]`` with ``arguments`` a JSON object
+  encoded as a string (the OpenAI format; ShareGPT's ``function_call`` turns become this);
+* ``tool``: a tool's output (ShareGPT's ``observation``, OpenAI's ``tool`` and legacy ``function``),
+  with ``tool_call_id`` naming the call it answers.
+
+Any message may carry ``name``. In parquet a conversation is :func:`messages_type` (a field that is
+not set is null); :func:`plain_messages` gives the OpenAI form (only the fields that are set, plain
+Python: what goes to a chat endpoint), :func:`template_messages` the form transformers' chat
+templates want (each call's ``arguments`` a dict), :func:`read_conversations` a parquet's rows.
+
+**Assistant-only loss masks.** ``assistant_mask(tokenizer, messages)`` tokenizes a conversation with the tokenizer's chat template
 and marks the tokens a model is trained on: each assistant turn's content and its end-of-turn
-token (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, ``</s>``), nothing of system or user
-turns, nor the template's role headers.
+token (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, ``</s>``), nothing of system, user or
+tool turns (a tool's output is never trained on; an assistant turn that calls a tool is), nor the
+template's role headers.
 
 * A template with ``{% generation %}`` markers: transformers' ``return_assistant_tokens_mask``.
 * Any other template (the Llama-3.x, Qwen2.5, Gemma-2 and Mistral ones): rendered prefix by prefix.
@@ -24,7 +43,9 @@ system message is folded into the first user turn.
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 from modelmake.errors import UserError
@@ -36,6 +57,78 @@ FIX = ("add {% generation %} ... {% endgeneration %} around each assistant turn'
 
 class ChatTemplateError(UserError):
     """A chat template that cannot render a conversation, or from which no assistant mask follows."""
+
+
+# --- the canonical conversation -----------------------------------------------------------------
+
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
+
+
+def messages_type():
+    """The arrow type of a conversation column (reformatted, pseudo-labelled): a list of messages
+    ``{role, content, name, tool_calls: [{id, type, function: {name, arguments}}], tool_call_id}``."""
+    import pyarrow as pa
+
+    call = pa.struct([("id", pa.string()), ("type", pa.string()),
+                      ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
+    return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()), ("name", pa.string()),
+                               ("tool_calls", pa.list_(call)), ("tool_call_id", pa.string())]))
+
+
+def _plain(value: Any) -> Any:
+    """Plain Python: dicts without None values, lists (not numpy arrays, as pandas gives them)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
+        return [_plain(v) for v in value]
+    return value
+
+
+def plain_messages(messages) -> list[dict]:
+    """The conversation in the OpenAI chat format: each message with only the fields that are set
+    (a table's nulls and an empty ``tool_calls`` dropped), as plain Python values."""
+    out = []
+    for m in messages:
+        m = _plain(dict(m))
+        if not m.get("tool_calls", True):
+            del m["tool_calls"]
+        out.append(m)
+    return out
+
+
+def template_messages(messages) -> list[dict]:
+    """:func:`plain_messages` with each tool call's ``arguments`` decoded to a dict, as transformers'
+    chat templates expect them (vLLM decodes them the same way); an undecodable one stays a string."""
+    out = plain_messages(messages)
+    for m in out:
+        for call in m.get("tool_calls", []):
+            fn = call.get("function", {})
+            if isinstance(fn.get("arguments"), str):
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"])
+                except json.JSONDecodeError:
+                    pass
+    return out
+
+
+def is_tool_call(message: dict) -> bool:
+    """Whether a message is an assistant turn that calls tools."""
+    calls = message.get("tool_calls")
+    return message.get("role") == "assistant" and calls is not None and len(calls) > 0
+
+
+def read_conversations(parquet: str | Path) -> list[tuple[str, list[dict]]]:
+    """``(id, plain messages)`` of every row of a conversation parquet (reformatted or
+    pseudo-labelled), in order."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet, columns=["id", "messages"])
+    return [(str(rid), plain_messages(ms)) for rid, ms in zip(table.column("id").to_pylist(),
+                                                               table.column("messages").to_pylist())]
+
+
+# --- assistant-only loss masks ------------------------------------------------------------------
 
 
 def has_generation_markers(template: str | dict | None) -> bool:
@@ -80,11 +173,13 @@ def assistant_mask(tokenizer: Any, messages: list[dict], *, fold_system: bool = 
                    **kwargs: Any) -> tuple[list[int], list[int]]:
     """(input_ids, mask) of the conversation through the chat template: mask 1 on each assistant
     turn's tokens including its end-of-turn token, 0 elsewhere. ``input_ids`` are those of
-    ``apply_chat_template(messages, tokenize=True)``. ``kwargs`` go to the template (``tools``,
-    ``chat_template``, ...). Raises ChatTemplateError where no trustworthy mask follows."""
+    ``apply_chat_template(messages, tokenize=True)``. ``messages`` in the canonical shape (any form:
+    a table's nulls are dropped, tool calls' arguments decoded, :func:`template_messages`); tool
+    outputs are not masked, tool-calling assistant turns are. ``kwargs`` go to the template
+    (``tools``, ``chat_template``, ...). Raises ChatTemplateError where no trustworthy mask follows."""
+    messages = template_messages(messages)
     if fold_system:
         messages = fold_system_message(messages)
-    messages = [dict(m) for m in messages]
     if not getattr(tokenizer, "chat_template", None) and not kwargs.get("chat_template"):
         raise ChatTemplateError(f"{template_name(tokenizer)}: the tokenizer has no chat template")
     if has_generation_markers(tokenizer.get_chat_template(kwargs.get("chat_template"), kwargs.get("tools"))):

@@ -33,7 +33,7 @@ def cmd_reformat(a) -> None:
     from modelmake.reformat import reformat_files
 
     s = reformat_files(a.inputs, a.out, on_error=a.on_error, rejects=a.rejects, stats_path=a.stats,
-                       fields=json.loads(a.fields))
+                       fields=json.loads(a.fields), allow_empty=a.allow_empty, config_key=a.config_key)
     logging.info("reformat: read %d, wrote %d, rejected %d %s", s.read, s.written, s.rejected, s.reasons or "")
 
 
@@ -70,7 +70,7 @@ def cmd_generate(a) -> None:
     def server():
         with lease(spec, Path(a.pool_folder) / host, Path(a.pool_logs) / host,
                    ready_timeout_s=a.ready_timeout, idle_s=a.idle_timeout) as proxy:
-            yield proxy["url"]
+            yield proxy  # its url and api_key
 
     settings = GenerateSettings.from_dict(spec.served_name, opts)
     generate_shard(a.shard, a.out, server, settings)
@@ -93,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rejects")
     p.add_argument("--stats")
     p.add_argument("--fields", default="{}", help="JSON {canonical name: name in the source} (datasets.<name>.fields)")
+    p.add_argument("--allow-empty", action="store_true", help="write an empty split instead of failing")
+    p.add_argument("--config-key", help="the dataset's config key, for errors (datasets.<name>)")
     p.set_defaults(func=cmd_reformat)
 
     p = sub.add_parser("build-tokenizer", help="train the demo BPE tokenizer")

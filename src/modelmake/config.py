@@ -3,7 +3,10 @@
 Errors name the key path (``serve.max_model_len``), what was found and what is expected, and are
 raised as :class:`ConfigError` before any job runs. Paths marked ``x-path`` in the schema must
 exist (relative to the working directory); ``x-path: source`` values, users' records, must be
-sources :mod:`modelmake.records` reads (a hub id is not checked: that needs the hub).
+sources :mod:`modelmake.records` reads (a hub id is not checked: that needs the hub); ``x-path:
+model`` a model folder with what loading it needs (:func:`model_folder_problem`). Every number must
+be finite (jsonschema takes YAML's ``.inf`` for a number), and vLLM arguments may not set what a
+pool sets itself (``--host``, ``--port``, ...: :func:`vllm_args_problems`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +189,39 @@ def _ref_problems(config: dict, at: tuple, value: str, ref: str, parent: dict) -
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def model_folder_problem(path: str | Path) -> str | None:
+    """What a Hugging Face model folder lacks for modelmake to serve or train it: its config.json
+    and, since every pipeline loads the role's tokenizer too, tokenizer files (or None). Weights are
+    not looked for (a dry run plans on folders without them)."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"dir {str(path)!r} does not exist (relative to {Path.cwd()})"
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    if missing:
+        return (f"{str(path)!r} is not a model folder: no {'; no '.join(missing)}. Give a folder saved with "
+                f"save_pretrained (model and tokenizer), e.g. a downloaded hub snapshot")
+    return None
+
+
+def _non_finite(value: Any, at: tuple = ()):
+    """(key path, value) of every float that is infinite or not a number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield at, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _non_finite(v, at + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _non_finite(v, at + (i,))
+
+
 def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool = True) -> dict:
     """Return the config with defaults filled in, or raise ConfigError listing every problem."""
     import jsonschema
@@ -209,12 +246,16 @@ def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool =
                 problems.append(f"{where}: give exactly one of {keys}")
             elif err.schema.get("type") != "object":
                 problems.append(f"{where}: {err.message}")
+        elif "propertyNames" in err.schema_path:
+            problems.append(f"{where}: {err.instance!r} is not a valid name: {err.schema.get('description', err.message)}")
         elif err.validator in ("oneOf", "anyOf") and err.context:
             # say what each alternative expected, not just that none matched
             why = "; ".join(dict.fromkeys(e.message for e in err.context))
             problems.append(f"{where}: {err.instance!r} matches none of the allowed forms ({why})")
         else:
             problems.append(f"{where}: {err.message}")
+    problems += [f"{key_path(at)}: {v!r} is not a finite number; give one (a timeout of .inf never ends)"
+                 for at, v in _non_finite(config)]
     if problems:
         raise ConfigError(_report(problems, schema_path))
     problems += _map_old_scale_keys(config)
@@ -233,6 +274,11 @@ def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool =
         for at, p, kind, _ in _annotated(schema, config, schema, "x-path"):
             if kind == "source":  # users' records: a file of a known format, a datasets folder, a hub id
                 problem = source_problem(p)
+                if problem:
+                    problems.append(f"{key_path(at)}: {problem}")
+                continue
+            if kind == "model":
+                problem = model_folder_problem(p)
                 if problem:
                     problems.append(f"{key_path(at)}: {problem}")
                 continue
@@ -319,7 +365,42 @@ def _cross_checks(c: dict) -> list[str]:
         from modelmake.arena.checks import cross_checks
 
         out += cross_checks(c)
-    out += _distill_checks(c) + _router_checks(c) + _selfplay_checks(c) + _scale_checks(c)
+    out += _distill_checks(c) + _router_checks(c) + _selfplay_checks(c) + _scale_checks(c) + _vllm_args_checks(c)
+    return out
+
+
+# vLLM flags a pool sets itself: in vllm_args they would override it without a word
+POOL_FLAGS = {
+    "--model": "the model role's path or asset", "--served-model-name": "the model role's name",
+    "--host": "none: servers listen on 127.0.0.1, reached through the pool's proxy",
+    "--port": "none: each server gets a free port", "--api-key": "none: each pool generates its own key",
+    "--max-model-len": "{serve}.max_model_len", "--dtype": "{serve}.dtype", "--seed": "seed",
+    "--tensor-parallel-size": "{serve}.tensor_parallel_size",
+    "--gpu-memory-utilization": "{serve}.gpu_memory_utilization", "--enforce-eager": "{serve}.enforce_eager",
+}
+
+
+def vllm_args_problems(args: list[str], key: str) -> list[str]:
+    """``key`` (``serve.vllm_args``, ``models.<role>.serve.vllm_args``): each flag the pool sets itself."""
+    serve_key = key.rsplit(".", 1)[0]
+    out = []
+    for a in args:
+        if not a.startswith("-"):
+            continue
+        name = a.split("=", 1)[0]
+        flag = "--tensor-parallel-size" if name == "-tp" else "--" + name.lstrip("-").replace("_", "-")
+        if flag in POOL_FLAGS:
+            use = POOL_FLAGS[flag].format(serve=serve_key)
+            out.append(f"{key}: {a} is set by the pool; "
+                       + (f"set {use} instead" if not use.startswith("none") else use[len("none: "):]))
+    return out
+
+
+def _vllm_args_checks(c: dict) -> list[str]:
+    """vllm_args (the serve section's, each role's) may not set what a pool sets itself."""
+    out = vllm_args_problems(c.get("serve", {}).get("vllm_args", []), "serve.vllm_args")
+    for role, m in c["models"].items():
+        out += vllm_args_problems(m.get("serve", {}).get("vllm_args", []), f"models.{role}.serve.vllm_args")
     return out
 
 

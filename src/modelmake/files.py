@@ -45,15 +45,16 @@ def _fresh_sibling(path: Path, make: Callable[[Path], Any]) -> tuple[Path, Any]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+def atomic_open(path: str | os.PathLike, mode: str = "w", perm: int = 0o666) -> Iterator[Any]:
     """Open a unique temporary sibling of ``path`` for writing (``mode`` ``"w"``: UTF-8 text, or
-    ``"wb"``); on success fsync and rename it to ``path``.
+    ``"wb"``); on success fsync and rename it to ``path``. ``perm``: its permission bits (less the
+    umask) from the start, e.g. ``0o600`` for a file holding a secret.
 
     On an exception the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, fd = _fresh_sibling(path, lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    tmp, fd = _fresh_sibling(path, lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, perm))
     try:
         f = os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
     except BaseException:
@@ -107,8 +108,8 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_open(path) as f:
+def write_json(path: str | os.PathLike, obj: Any, perm: int = 0o666) -> None:
+    with atomic_open(path, perm=perm) as f:
         json.dump(obj, f, ensure_ascii=False, indent=2, sort_keys=True)
         f.write("\n")
 

@@ -1,4 +1,5 @@
-"""Generation: answer every user turn of a jsonl file of conversations through the OpenAI chat endpoint.
+"""Generation: regenerate the assistant turns of a jsonl file of conversations through the OpenAI
+chat endpoint.
 
 Shared by every pipeline that generates (a pseudo-label shard, the arena's prompts, a self-play
 fraction); the caller's config section is ``GenerateSettings.config_key``, so that errors name the
@@ -6,13 +7,26 @@ setting to change. The one client path of modelmake: async HTTP with bounded con
 with exponential backoff on connection errors, 429 and 5xx, and per-record error isolation. The
 server applies the model's own chat template (no templates here).
 
+Conversations are in the canonical shape (:mod:`modelmake.chat`). What the teacher writes
+(``regenerate``): ``assistant``, every assistant turn that calls no tool, each seeing the teacher's
+own earlier answers; ``last``, only the final one, the earlier turns kept as given. Everything else
+(system, user, tool outputs, tool-calling assistant turns) is kept as context and sent as it is, in
+the OpenAI format (``tool_calls``, ``tool_call_id``, ``name``). A conversation that ends on a user
+turn (or a tool's output) awaits a reply: ``ending_user_turn: answer`` generates it, ``drop`` leaves
+the record out (a row ``{id, messages: null, dropped}``, counted, nothing requested).
+
 Resume without loss or duplicates: every finished record (success or failure) is appended, with a
 fingerprint of the generation settings, to a journal beside the output
 (``<out dir>/.journal/<out name>``). A rerun reuses the journal's successful records whose id is in
 the shard, whose input turns are unchanged and whose fingerprint matches, and generates only the
 rest; the output is written atomically at the end, in shard order. Snakemake deletes the outputs
 of a failed group job, but not the journal, so even shards finished beside a failed one cost
-nothing to rebuild.
+nothing to rebuild. A kill or a full disk tears at most the journal's last line, at any byte (even
+inside a multi-byte character): that line has no newline, and is dropped and regenerated; a
+damaged line before it is an error naming the journal's file:line.
+
+The client never uses a proxy of the environment (``http_proxy``, ``ALL_PROXY``, ...: the pool is
+on this host) and sends the pool's API key (``proxy.ready``'s ``api_key``) with every request.
 """
 
 from __future__ import annotations
@@ -26,8 +40,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from modelmake.chat import is_tool_call, plain_messages
 from modelmake.config import schema_field
-from modelmake.errors import GenerationError
+from modelmake.errors import GenerationError, RecordError
 from modelmake.files import atomic_open, dumps, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -61,6 +76,10 @@ class GenerateSettings:
     backoff_s: float = 0.5
     request_timeout_s: float = 300.0
     max_failure_share: float = schema_field("$defs.generation.max_failure_share")
+    # which turns are regenerated, and a conversation that ends on a user turn (pseudo_labels' keys;
+    # the arena's and self-play's records end on the one assistant turn they regenerate)
+    regenerate: str = schema_field("pseudo_labels.regenerate")
+    ending_user_turn: str = schema_field("pseudo_labels.ending_user_turn")
     # more fields of every request's body, e.g. vLLM's structured_outputs (the router's judge); part of
     # the fingerprint when given
     extra_body: dict | None = None
@@ -85,8 +104,12 @@ class GenerateSettings:
     def fingerprint(self) -> str:
         """What makes a generated record reusable: the model and how it samples."""
         key = {"model": self.model, "teacher": self.teacher_source, "sampling": asdict(self.sampling),
-               "max_conversation_tokens": self.max_conversation_tokens,
-               **({"extra_body": self.extra_body} if self.extra_body is not None else {})}
+               "max_conversation_tokens": self.max_conversation_tokens}
+        if self.regenerate != "assistant":  # absent otherwise: journals from before the key stay reusable
+            key["regenerate"] = self.regenerate
+        if self.extra_body is not None:  # likewise
+            key["extra_body"] = self.extra_body
+        # ending_user_turn is not in it: it decides which records are generated, not how
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -98,27 +121,60 @@ def journal_path(out: Path) -> Path:
     return out.parent / ".journal" / out.name
 
 
-def input_digest(messages: list[dict]) -> str:
-    """What a journal record was generated from (its non-assistant turns, the ones answer_turns sends), so
-    that a record edited under the same id is not reused."""
-    used = [[m["role"], m["content"]] for m in messages if m["role"] != "assistant"]
+def targets(messages: list[dict], regenerate: str = "assistant") -> list[int]:
+    """Positions of the assistant turns the teacher rewrites (``regenerate``: see the module
+    docstring); an unanswered end is not among them (``ending_user_turn`` decides)."""
+    plain = [i for i, m in enumerate(messages) if m["role"] == "assistant" and not is_tool_call(m)]
+    if regenerate == "assistant":
+        return plain
+    if regenerate == "last":
+        return plain[-1:] if plain and plain[-1] == len(messages) - 1 else []
+    raise ValueError(f"regenerate must be 'assistant' or 'last', got {regenerate!r}")
+
+
+def awaits_reply(messages: list[dict]) -> bool:
+    """Whether a conversation ends on a user turn or a tool's output (its reply is missing)."""
+    return bool(messages) and messages[-1]["role"] in ("user", "tool")
+
+
+def input_digest(messages: list[dict], regenerate: str = "assistant") -> str:
+    """What a journal record was generated from (the turns answer_turns sends as they are), so that
+    a record edited under the same id is not reused."""
+    skip = set(targets(messages, regenerate))
+    used = []
+    for i, m in enumerate(plain_messages(messages)):
+        if i in skip:
+            continue
+        extra = {k: v for k, v in m.items() if k not in ("role", "content")}
+        used.append([m["role"], m["content"], extra] if extra else [m["role"], m["content"]])
     return hashlib.sha256(json.dumps(used, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def load_journal(path: Path, wanted: dict[str, str], fingerprint: str) -> dict[str, dict]:
-    """Successful records of earlier runs that can be reused (a torn last line is ignored).
+    """Successful records of earlier runs that can be reused.
 
-    ``wanted`` maps the shard's ids to the input_digest of their messages.
+    ``wanted`` maps the shard's ids to the input_digest of their messages. A last line without its
+    newline was torn by a kill or a full disk, whatever its bytes: it is dropped (and regenerated).
+    Any other line that is not a JSON object raises :class:`GenerationError` naming file:line.
     """
     done: dict[str, dict] = {}
     if not path.exists():
         return done
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                log.warning("%s:%d: dropped the torn last line (%d bytes, no newline); it is regenerated",
+                            path, n, len(raw))
+                break
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
+                rec = json.loads(raw.decode("utf-8"))
+                if not isinstance(rec, dict):
+                    raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                raise GenerationError(
+                    f"damaged journal line {path}:{n} ({e}); only a last line can be torn by a kill. "
+                    f"Delete that line (its record is regenerated) or the whole journal (every record is) "
+                    f"and run again") from None
             meta = rec.get("generation", {})
             if (rec.get("id") in wanted and "error" not in rec and meta.get("fingerprint") == fingerprint
                     and meta.get("input") == wanted[rec["id"]]):
@@ -151,25 +207,32 @@ async def chat(client, url: str, body: dict, s: GenerateSettings) -> dict:
 
 
 async def answer_turns(client, url: str, rec: dict, s: GenerateSettings) -> dict:
-    """Answer every user turn of one conversation with the served model, turn by turn.
+    """Regenerate one conversation's assistant turns with the served model, turn by turn.
 
-    The original assistant turns are dropped and replaced by the model's answers, so each answer
-    sees the model's own earlier answers. Generation stops when the conversation reaches
-    ``max_conversation_tokens`` (prompt plus answers); the turns after that point are dropped.
+    The turns of ``targets`` are replaced by the model's answers, each request holding the
+    conversation up to that turn (with the model's own earlier answers); the other turns are sent
+    as they are. A conversation awaiting a reply gets one at the end. Generation stops when the
+    conversation reaches ``max_conversation_tokens`` (prompt plus answers); it then ends after the
+    last answer generated, the turns after that point dropped.
     """
+    messages = plain_messages(rec["messages"])
+    regen = set(targets(messages, s.regenerate))
+    steps = list(enumerate(messages))
+    if awaits_reply(messages):
+        steps.append((len(messages), {"role": "assistant", "content": ""}))  # the reply it awaits
+        regen.add(len(messages))
     history: list[dict] = []
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     finish: list[str] = []
+    answered = 0  # len(history) after the last generated answer
     length, truncated = 0, False  # tokens in the conversation so far, as the server counted them
-    for m in rec["messages"]:
-        if m["role"] == "assistant":
-            continue
-        history.append({"role": m["role"], "content": m["content"]})
-        if m["role"] != "user":
+    for i, m in steps:
+        if i not in regen:
+            history.append(m)
             continue
         budget = s.max_conversation_tokens - length
         if budget <= 0:
-            history.pop()
+            del history[answered:]
             truncated = True
             break
         body = {
@@ -184,7 +247,11 @@ async def answer_turns(client, url: str, rec: dict, s: GenerateSettings) -> dict
             body.update(s.extra_body)
         out = await chat(client, url, body, s)
         choice = out["choices"][0]
-        history.append({"role": "assistant", "content": choice["message"]["content"] or ""})
+        answer = {"role": "assistant", "content": choice["message"]["content"] or ""}
+        if "name" in m:
+            answer["name"] = m["name"]
+        history.append(answer)
+        answered = len(history)
         usage["prompt_tokens"] += out["usage"]["prompt_tokens"]
         usage["completion_tokens"] += out["usage"]["completion_tokens"]
         length = out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
@@ -194,9 +261,11 @@ async def answer_turns(client, url: str, rec: dict, s: GenerateSettings) -> dict
 
 
 async def generate_records(
-    records: list[dict], base_url: str, s: GenerateSettings, journal, progress=None
+    records: list[dict], base_url: str, s: GenerateSettings, journal, progress=None,
+    api_key: str | None = None,
 ) -> tuple[int, int]:
-    """Generate every record, appending each result to ``journal`` as it finishes."""
+    """Generate every record, appending each result to ``journal`` as it finishes. ``api_key``: the
+    pool's (sent as a bearer token). No proxy of the environment is used."""
     import httpx
 
     fingerprint = s.fingerprint()
@@ -204,13 +273,15 @@ async def generate_records(
     url = base_url.rstrip("/") + "/v1/chat/completions"
     ok = failed = 0
     limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
-    async with httpx.AsyncClient(limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(limits=limits, headers=headers, trust_env=False) as client:
 
         async def one(rec: dict) -> None:
             nonlocal ok, failed
             async with sem:
                 started = time.time()
-                meta = {"model": s.model, "fingerprint": fingerprint, "input": input_digest(rec["messages"]),
+                meta = {"model": s.model, "fingerprint": fingerprint,
+                        "input": input_digest(rec["messages"], s.regenerate),
                         "sampling": asdict(s.sampling)}
                 try:
                     res = await answer_turns(client, url, rec, s)
@@ -236,22 +307,39 @@ def generate_shard(
     """Generate one jsonl file of conversations (a shard) into ``out`` (jsonl), resuming from its
     journal; return the counts.
 
-    ``server`` is a context manager factory yielding the server's base URL; it is entered only
-    when something is left to generate (a shard fully in its journal needs no server).
+    ``server`` is a context manager factory yielding the server's base URL, or the pool's proxy
+    record (``url`` and ``api_key``); it is entered only when something is left to generate (a
+    shard fully in its journal, or dropped, needs no server). An id twice in the shard is refused
+    (file:line): their answers would collapse into one.
     """
     from tqdm import tqdm
 
+    if settings.ending_user_turn not in ("answer", "drop"):
+        raise ValueError(f"ending_user_turn must be 'answer' or 'drop', got {settings.ending_user_turn!r}")
     started = time.time()
     shard, out = Path(shard), Path(out)
     records = read_jsonl(shard)
     order = [r["id"] for r in records]
+    first: dict[str, int] = {}
+    for n, rid in enumerate(order, start=1):
+        if rid in first:
+            raise RecordError(f"duplicate id {rid!r} in {shard}:{n} (first at line {first[rid]}): every "
+                              f"record of a generation input needs its own id; fix the input it was made from")
+        first[rid] = n
+    dropped = {}
+    if settings.ending_user_turn == "drop":
+        reason = f"the conversation ends on a {{role}} turn ({settings.key('ending_user_turn')}: drop)"
+        dropped = {r["id"]: {"id": r["id"], "messages": None,
+                             "dropped": reason.format(role=r["messages"][-1]["role"])}
+                   for r in records if awaits_reply(r["messages"])}
+        records = [r for r in records if r["id"] not in dropped]
     jpath = journal_path(out)
     jpath.parent.mkdir(parents=True, exist_ok=True)
     fp = settings.fingerprint()
-    done = load_journal(jpath, {r["id"]: input_digest(r["messages"]) for r in records}, fp)
+    done = load_journal(jpath, {r["id"]: input_digest(r["messages"], settings.regenerate) for r in records}, fp)
     todo = [r for r in records if r["id"] not in done]
-    log.info("%s: %d records, %d reused from the journal, %d to generate",
-             shard, len(records), len(done), len(todo))
+    log.info("%s: %d records, %d dropped, %d reused from the journal, %d to generate",
+             shard, len(order), len(dropped), len(done), len(todo))
 
     # Compact the journal to the reusable records, then append new ones.
     with atomic_open(jpath) as f:
@@ -260,25 +348,27 @@ def generate_shard(
                 f.write(dumps(done[rid]) + "\n")
     bar = tqdm(total=len(records), initial=len(done), desc=f"generate {shard.name}", unit="rec",
                mininterval=2.0, disable=not show_progress)
-    tokens = [0]
+    tokens, failures = [0], [0]  # the journal's reused records are successes
     results: dict[str, dict] = dict(done)
 
     def progress(row: dict) -> None:
         results[row["id"]] = row
         tokens[0] += row["generation"].get("usage", {}).get("completion_tokens", 0)
+        failures[0] += "error" in row
         bar.update(1)
-        bar.set_postfix(tok_s=f"{tokens[0] / max(1e-9, time.time() - started):.0f}",
-                        failed=sum("error" in r for r in results.values()))
+        bar.set_postfix(tok_s=f"{tokens[0] / max(1e-9, time.time() - started):.0f}", failed=failures[0])
 
     ok = 0
     if todo:
-        with server() as base_url, open(jpath, "a", encoding="utf-8") as journal:
-            ok, _ = asyncio.run(generate_records(todo, base_url, settings, journal, progress))
+        with server() as where, open(jpath, "a", encoding="utf-8") as journal:
+            base_url, key = (where["url"], where.get("api_key")) if isinstance(where, dict) else (where, None)
+            ok, _ = asyncio.run(generate_records(todo, base_url, settings, journal, progress, api_key=key))
     bar.close()
 
     total_failed = sum("error" in r for r in results.values())
     counts = {
-        "records": len(records), "reused": len(done), "generated": ok, "failed": total_failed,
+        "records": len(order), "dropped": len(dropped), "reused": len(done), "generated": ok,
+        "failed": total_failed,
         "completion_tokens": sum(r["generation"].get("usage", {}).get("completion_tokens", 0)
                                  for r in results.values()),
         "seconds": round(time.time() - started, 3),
@@ -292,6 +382,7 @@ def generate_shard(
             f"Check the server logs, or raise {key} to accept more failures; successful records are "
             f"kept in {jpath} and a rerun retries only the failed ones."
         )
+    results.update(dropped)
     with atomic_open(out) as f:
         for rid in order:
             f.write(dumps(results[rid]) + "\n")

@@ -52,6 +52,11 @@ The process side (the library's training code):
   ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), for a supervisor that starts its own processes
   (distillation's teacher service) and for the one-process world DeepSpeed needs without a launcher
   (:func:`ensure_process_group_env`);
+* :func:`rendezvous_listener` / :func:`rendezvous_store`: such a supervisor's rendezvous on one
+  machine: a socket it binds on 127.0.0.1 and listens on before any rank starts, which rank 0 serves
+  torch's TCPStore on (``MODELMAKE_STORE_FD``). torch's own store listens on every interface of the
+  node, without authentication, on a port picked free and released (another process may take it
+  first); this one is reachable from this machine only, and its port is never free to take;
 * :func:`autocast`: the precision of a plain torch training loop (distillation).
 
 :func:`scale_problems` is what the config check says about a section's ``scale`` (fp16 needs GPUs,
@@ -172,6 +177,36 @@ def rank_env(rank: int, world: int, port: int, *, local_rank: int | None = None,
     """The torch.distributed environment of process ``rank`` of a ``world`` meeting at ``addr:port``."""
     return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank if local_rank is None else local_rank),
             "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
+
+
+STORE_FD = "MODELMAKE_STORE_FD"  # rank 0's inherited rendezvous socket (rendezvous_listener)
+
+
+def rendezvous_listener():
+    """A TCP socket bound on 127.0.0.1 and listening: the rendezvous of a one-machine world. Pass its
+    file descriptor to rank 0 (``pass_fds``, and its number in ``MODELMAKE_STORE_FD``); the others
+    connect to ``127.0.0.1:<its port>`` (:func:`rank_env`)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(128)
+    return s
+
+
+def rendezvous_store(timeout_s: float):
+    """This rank's client of the world's TCPStore (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``); rank 0 serves it on the socket of :func:`rendezvous_listener` when it was given
+    one, else (torch's default) on every interface."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    fd = os.environ.get(STORE_FD) if rank == 0 else None
+    return dist.TCPStore(addr, port, world, rank == 0, timedelta(seconds=timeout_s),
+                         master_listen_fd=int(fd) if fd else None)
 
 
 def ensure_process_group_env() -> None:

@@ -25,6 +25,10 @@ required field missing) raises :class:`RecordError` naming its ``where``, or, wi
 handed to it as a :class:`Problem` and skipped (reformat's ``on_error: skip``). A source that cannot
 be read at all (unknown format, missing, corrupt or truncated compressed data, a broken JSON array)
 always raises.
+
+:class:`BadRecords` is what an entrance does with the records it cannot use (unreadable, or bad by
+its own rules): ``on_error: fail`` raises at the first, ``skip`` keeps them for a rejects jsonl and
+counts them by kind (reformat, arena prepare).
 """
 
 from __future__ import annotations
@@ -168,7 +172,7 @@ def read_records(
                 rec.update({canon: rec[name] for canon, name in fields.items() if name in rec})
             for canon in required:
                 if canon not in rec:
-                    raise _Bad("missing field", _missing(canon, rec, fields, config_key))
+                    raise _Bad("missing field", missing_field(canon, rec, fields, config_key))
         except _Bad as e:
             problem = Problem(where, e.kind, e.reason)
             if on_bad is None:
@@ -179,13 +183,64 @@ def read_records(
         yield where, rec
 
 
-def _missing(canon: str, rec: dict, fields: Mapping[str, str], config_key: str | Mapping[str, str]) -> str:
+def missing_field(canon: str, rec: dict, fields: Mapping[str, str] | None,
+                  config_key: str | Mapping[str, str]) -> str:
+    """Why ``rec`` lacks the canonical field ``canon``, naming the config key that maps it."""
+    fields = fields or {}
     key = config_key.get(canon, "fields") if isinstance(config_key, Mapping) else f"{config_key}.{canon}"
     has = ", ".join(map(str, list(rec)[:12])) + (", ..." if len(rec) > 12 else "") or "none"
     if fields.get(canon, canon) != canon:
         return (f"no field {fields[canon]!r}, which {key} names for {canon!r} (its fields: {has}); set {key} "
                 "to the field that holds it")
     return f"no field {canon!r} (its fields: {has}); if another field holds it, set {key} to its name"
+
+
+_NO_RECORD = object()
+
+
+class BadRecords:
+    """The records an entrance cannot use. With ``on_error="fail"`` the first raises
+    :class:`RecordError` naming its place and ``config_key`` (``reformat.on_error``) to set; with
+    ``"skip"`` each is kept for the rejects jsonl (``file``, ``line`` or ``row``, ``kind``, ``error``,
+    ``raw``) and counted by kind (``rejected``, ``reasons``). Pass :meth:`unreadable` as
+    :func:`read_records`' ``on_bad``."""
+
+    def __init__(self, on_error: str, config_key: str):
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        self.on_error, self.config_key = on_error, config_key
+        self.rows: list[dict] = []
+        self.reasons: dict[str, int] = {}
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rows)
+
+    def reject(self, where: Where, kind: str, error: str, record: Any = _NO_RECORD) -> None:
+        """A bad record: raise (fail) or keep it (skip); ``raw`` is the line as read, else the
+        ``record`` given as JSON (tables), else None."""
+        if self.on_error == "fail":
+            raise RecordError(
+                f"bad record in {where}: {error}.\nFix the {'line' if where.line is not None else 'record'} "
+                f"or set {self.config_key}: skip to move bad records to a rejects file."
+            ) from None
+        self.reasons[kind] = self.reasons.get(kind, 0) + 1
+        place = {"line": where.line} if where.line is not None else {"row": where.row}
+        raw = where.raw
+        if raw is None and record is not _NO_RECORD:
+            raw = json.dumps(record, ensure_ascii=False, default=str)
+        self.rows.append({"file": where.file, **place, "kind": kind, "error": error, "raw": raw})
+
+    def unreadable(self, problem: Problem) -> None:
+        self.reject(problem.where, problem.kind, problem.reason)
+
+    def write(self, path: str | os.PathLike) -> None:
+        """The rejects jsonl (empty when none), written atomically."""
+        from modelmake.files import atomic_open, dumps
+
+        with atomic_open(path) as f:
+            for row in self.rows:
+                f.write(dumps(row) + "\n")
 
 
 # --- line formats ---------------------------------------------------------------------------------

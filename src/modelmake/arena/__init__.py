@@ -4,9 +4,10 @@ fp16 submission export. See docs/architecture.md, "Arena".
 
 Modules, one concept each:
 
-* ``data``: pairwise records -> parquet with folds (stable id hash), A/B swap;
-* ``template``: the classifier input (judge instruction, prompt, responses, verdict cue), fair
-  head-and-tail truncation; standalone, shipped with submissions;
+* ``data``: pairwise records in the shapes real data has (winner spellings, Kaggle one-hot columns,
+  ties, multi-turn pairs) -> parquet with folds (stable id hash), rejects and stats; A/B swap;
+* ``template``: the classifier input (judge instruction, the turns' prompts and responses, verdict
+  cue), fair head-and-tail truncation over every turn; standalone, shipped with submissions;
 * ``model``: sequence classifier over a causal-LM base (last-token head), soft-target CE, Trainer
   with resumable checkpoints, prediction;
 * ``stages``: a stage's data (labelled folds or pseudo-labels), the held-out fold guard, train, save;

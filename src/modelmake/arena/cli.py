@@ -27,7 +27,8 @@ def cmd_prepare(a) -> None:
 
     cfg = json.loads(a.config)
     folds = cfg.get("folds", default("arena.folds"))
-    counts = prepare(a.inputs, a.out, labelled=a.labelled, folds=folds, config=cfg, fields=json.loads(a.fields))
+    counts = prepare(a.inputs, a.out, labelled=a.labelled, folds=folds, config=cfg, fields=json.loads(a.fields),
+                     ties=a.ties, on_error=a.on_error, rejects=a.rejects, stats_path=a.stats)
     log.info("arena data: %s", counts)
 
 
@@ -68,7 +69,8 @@ def cmd_merge_pseudo(a) -> None:
 def cmd_export(a) -> None:
     from modelmake.arena.export import export_model
 
-    log.info("export: %s", export_model(a.model, a.labelled, a.valid_fold, a.stage_eval, a.out, a.tolerance))
+    log.info("export: %s", export_model(a.model, a.labelled, a.valid_fold, a.stage_eval, a.out, a.tolerance,
+                                        a.predict_timeout))
 
 
 def cmd_export_ensemble(a) -> None:
@@ -76,7 +78,7 @@ def cmd_export_ensemble(a) -> None:
 
     s = json.loads(a.settings)
     log.info("ensemble: %s", export_ensemble(a.models, s["weights"], s["confident_margin"], a.labelled,
-                                             a.valid_fold, a.stage_evals, a.out, a.tolerance))
+                                             a.valid_fold, a.stage_evals, a.out, a.tolerance, a.predict_timeout))
 
 
 def cmd_report(a) -> None:
@@ -94,6 +96,12 @@ def add_commands(sub) -> None:
     p.add_argument("--labelled", action="store_true")
     p.add_argument("--config", default="{}", help="JSON: folds and the config slice to record")
     p.add_argument("--fields", default="{}", help="JSON {canonical name: name in the source} (arena.fields)")
+    p.add_argument("--ties", choices=["drop", "soft"], default=default("arena.ties"),
+                   help="labelled ties: drop them, or keep them as 0.5/0.5 targets (arena.ties)")
+    p.add_argument("--on-error", choices=["fail", "skip"], default=default("arena.on_error"),
+                   help="a bad record: fail, or skip it to --rejects (arena.on_error)")
+    p.add_argument("--rejects", help="the skipped records (jsonl)")
+    p.add_argument("--stats", help="counts (json): read, written, rejected, ties, winners, languages, turns")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("arena-sample-prompts", help="arena: sample prompts for response pairs")
@@ -146,6 +154,7 @@ def add_commands(sub) -> None:
     p.add_argument("--valid-fold", type=int, required=True)
     p.add_argument("--stage-eval", required=True)
     p.add_argument("--tolerance", type=float, default=default("arena.export.tolerance"))
+    p.add_argument("--predict-timeout", type=float, default=default("arena.export.predict_timeout_s"))
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
@@ -156,6 +165,7 @@ def add_commands(sub) -> None:
     p.add_argument("--valid-fold", type=int, required=True)
     p.add_argument("--settings", required=True, help="JSON: weights, confident_margin")
     p.add_argument("--tolerance", type=float, default=default("arena.export.tolerance"))
+    p.add_argument("--predict-timeout", type=float, default=default("arena.export.predict_timeout_s"))
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_ensemble)
 

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from modelmake.config import default
 from modelmake.errors import UserError
 from modelmake.files import read_provenance, write_json
 from modelmake.training import finish_model_folder, new_model_folder
@@ -33,10 +34,18 @@ def copy_entry_point(folder: Path) -> None:
     shutil.copyfile(HERE / "template.py", folder / "arena_template.py")
 
 
-def run_entry_point(folder: Path, pairs: Path, out: Path, *args: str) -> None:
+def run_entry_point(folder: Path, pairs: Path, out: Path, *args: str, timeout_s: float | None = None) -> None:
+    """Run the folder's predict.py as a user would; it must finish within ``timeout_s``
+    (``arena.export.predict_timeout_s``)."""
+    timeout_s = default("arena.export.predict_timeout_s") if timeout_s is None else timeout_s
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the folder stands alone
-    proc = subprocess.run([sys.executable, str(folder / "predict.py"), "--input", str(pairs), "--out", str(out),
-                           *args], capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run([sys.executable, str(folder / "predict.py"), "--input", str(pairs), "--out", str(out),
+                               *args], capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        raise ExportError(f"{folder}/predict.py did not finish within arena.export.predict_timeout_s={timeout_s:g} "
+                          f"s (stopped); raise it for a large validation fold. Its output ends:\n"
+                          f"{(e.stderr or b'')[-2000:].decode(errors='replace')}") from None
     if proc.returncode != 0:
         raise ExportError(f"{folder}/predict.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
@@ -62,7 +71,7 @@ def valid_pairs(labelled: str, valid_fold: int, tmp: Path) -> tuple:
 
 
 def export_model(model_dir: str, labelled: str, valid_fold: int, stage_eval: str, out: str,
-                 tolerance: float) -> dict:
+                 tolerance: float, predict_timeout_s: float | None = None) -> dict:
     import pandas as pd
     import torch
 
@@ -80,7 +89,7 @@ def export_model(model_dir: str, labelled: str, valid_fold: int, stage_eval: str
     copy_entry_point(tmp)
 
     valid, pairs = valid_pairs(labelled, valid_fold, tmp)
-    run_entry_point(tmp, pairs, tmp / "valid_predictions.parquet")
+    run_entry_point(tmp, pairs, tmp / "valid_predictions.parquet", timeout_s=predict_timeout_s)
     pairs.unlink()
     got = pd.read_parquet(tmp / "valid_predictions.parquet")
     want = pd.read_parquet(stage_eval)
@@ -100,7 +109,8 @@ def export_model(model_dir: str, labelled: str, valid_fold: int, stage_eval: str
 
 
 def export_ensemble(models: list[str], weights: list[float], confident_margin: float, labelled: str,
-                    valid_fold: int, stage_evals: list[str], out: str, tolerance: float) -> dict:
+                    valid_fold: int, stage_evals: list[str], out: str, tolerance: float,
+                    predict_timeout_s: float | None = None) -> dict:
     """``submission/ensemble/``: ensemble.json (models relative to it), predict.py, and its own
     validation predictions, checked against the ensemble of the trained models' predictions."""
     import pandas as pd
@@ -120,7 +130,7 @@ def export_ensemble(models: list[str], weights: list[float], confident_margin: f
     valid, pairs = valid_pairs(labelled, valid_fold, tmp)
     # ensemble.json names the models relative to the folder; <out>.tmp is a sibling of <out>, so the
     # same relative paths work here: run the folder's predict.py as a user would (it finds ensemble.json)
-    run_entry_point(tmp, pairs, tmp / "valid_predictions.parquet")
+    run_entry_point(tmp, pairs, tmp / "valid_predictions.parquet", timeout_s=predict_timeout_s)
     pairs.unlink()
     got = pd.read_parquet(tmp / "valid_predictions.parquet")
     first, second = (pd.read_parquet(p) for p in stage_evals)

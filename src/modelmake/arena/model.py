@@ -3,7 +3,7 @@
 ``AutoModelForSequenceClassification`` over a Llama-family folder gives ``LlamaForSequenceClassification``:
 the score head reads the hidden state of the last non-pad token (the verdict cue), so ``pad_token_id``
 must be set. Training is cross-entropy against soft targets ``[p_a, 1 - p_a]`` (hard labels are the
-one-hot case), with the HF Trainer so that a killed stage resumes from its last ``checkpoint-N``.
+one-hot case, a tie 0.5/0.5), with the HF Trainer so that a killed stage resumes from its last ``checkpoint-N``.
 How it scales (processes, GPUs, precision, DeepSpeed ZeRO-1/2, gradient checkpointing, LoRA with the
 score head trained in full) comes from ``arena.scale`` (:mod:`modelmake.launch`).
 """
@@ -168,8 +168,14 @@ def predict(model, tokenizer, df, ts: TemplateSettings, batch_size: int = 32, sw
 
 
 def hard_targets(winners, label_smoothing: float = 0.0) -> list[float]:
+    """P(A wins) targets of labelled pairs: ``model_a`` 1, ``model_b`` 0 (smoothed to [1 - s/2, s/2]),
+    ``tie`` 0.5 (kept by ``arena.ties: soft``): the soft-target path pseudo-labels take too."""
     hi = 1.0 - label_smoothing / 2
-    return [hi if w == "model_a" else 1.0 - hi for w in winners]
+    targets = {"model_a": hi, "model_b": 1.0 - hi, "tie": 0.5}
+    try:
+        return [targets[w] for w in winners]
+    except KeyError as e:
+        raise ValueError(f"unknown winner {e.args[0]!r}; expected model_a, model_b or tie") from None
 
 
 def settings_dict(s) -> dict:

@@ -12,6 +12,7 @@ import itertools
 import random
 import time
 
+from modelmake.arena.data import UNKNOWN_LANGUAGE
 from modelmake.errors import RecordError
 from modelmake.files import atomic_open, dumps, provenance_record, read_jsonl, stable_hash, write_parquet
 from modelmake.records import read_records
@@ -19,12 +20,17 @@ from modelmake.records import read_records
 
 def sample_prompts(pool: str, n: int, seed: int, out: str, fields: dict[str, str] | None = None) -> int:
     """``n`` prompts of the pool (any :mod:`modelmake.records` source, ``{id, prompt, language}``,
-    other names mapped by ``fields``: ``arena.response_pairs.fields``), chosen with the seed."""
-    rows = []
+    language optional, other names mapped by ``fields``: ``arena.response_pairs.fields``), chosen
+    with the seed."""
+    rows, seen = [], {}
     for where, rec in read_records(pool, fields=fields, required=("id", "prompt"),
                                    config_key="arena.response_pairs.fields"):
         if not (isinstance(rec.get("id"), str) and isinstance(rec.get("prompt"), str)):
             raise RecordError(f"bad record in {where}: needs string 'id' and 'prompt'. Fix the line.")
+        if rec["id"] in seen:  # two prompts of one id would collapse into one answer per generator
+            raise RecordError(f"bad record in {where}: duplicate id {rec['id']!r} (first at {seen[rec['id']]}). "
+                              f"Give every prompt of arena.response_pairs.prompt_pool its own id.")
+        seen[rec["id"]] = str(where)
         rows.append(rec)
     if n > len(rows):
         raise RecordError(f"arena.response_pairs.prompts={n} but {pool} holds {len(rows)} prompts; "
@@ -33,7 +39,7 @@ def sample_prompts(pool: str, n: int, seed: int, out: str, fields: dict[str, str
     with atomic_open(out) as f:
         for i in picked:
             r = rows[i]
-            f.write(dumps({"id": r["id"], "language": r.get("language", ""), "messages": [
+            f.write(dumps({"id": r["id"], "language": r.get("language") or UNKNOWN_LANGUAGE, "messages": [
                 {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": ""}]}) + "\n")
     return n
 
@@ -65,7 +71,7 @@ def make_pairs(prompts: str, answers: dict[str, str], seed: int, out: str) -> di
             a, b = (g1, g2) if a_first(seed, rid, g1, g2) else (g2, g1)
             rows.append({"id": f"{rid}:{a}:{b}", "prompt": p["messages"][0]["content"],
                          "response_a": text[(a, rid)], "response_b": text[(b, rid)],
-                         "language": p.get("language", ""), "model_a": a, "model_b": b})
+                         "language": p.get("language") or UNKNOWN_LANGUAGE, "model_a": a, "model_b": b})
     if not rows:
         raise RecordError(f"no response pair could be made from {', '.join(answers.values())}: "
                           f"every answer failed or is empty; read the generate logs")

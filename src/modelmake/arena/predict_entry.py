@@ -8,7 +8,9 @@ exact input template the model was trained with); needs only torch, transformers
   python predict.py --input pairs.parquet --out preds.parquet --swap    # B read first, swapped back
   python predict.py --ensemble ensemble.json --input ... --out ...      # the two-model ensemble
 
-Input rows need ``id, prompt, response_a, response_b``. The output has ``id, p_a, p_b, winner``.
+Input rows (.parquet, .jsonl or .csv) need ``id, prompt, response_a, response_b``: strings, lists of
+turns, or JSON-encoded lists as Kaggle's LMSYS files have them (``arena_template.pair_turns``).
+The output has ``id, p_a, p_b, winner``.
 The ensemble: rows where the first model is confident (|pA - pB| >= confident_margin) keep its
 answer; the rest blend it with the second model's answer on the swapped input, by ``weights``.
 Weights are stored in float16; on CPU they are computed in float32 (``--dtype`` to change).
@@ -30,7 +32,11 @@ from arena_template import TemplateSettings, build_input  # noqa: E402
 def read_pairs(path: str):
     import pandas as pd
 
-    return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_json(path, lines=True)
+    if path.endswith(".parquet"):
+        return pd.read_parquet(path)
+    if path.endswith(".csv"):
+        return pd.read_csv(path, keep_default_na=False)
+    return pd.read_json(path, lines=True)
 
 
 def predict(folder: str | Path, df, swap: bool = False, batch_size: int = 32, dtype: str = "auto") -> list[float]:
@@ -74,7 +80,7 @@ def ensemble(spec_path: str | Path, df, batch_size: int = 32, dtype: str = "auto
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--input", required=True, help="pairs: .parquet or .jsonl")
+    ap.add_argument("--input", required=True, help="pairs: .parquet, .jsonl or .csv")
     ap.add_argument("--out", required=True, help="predictions: .parquet or .csv")
     ap.add_argument("--model", default=str(HERE), help="a submission folder (default: this one)")
     ap.add_argument("--ensemble", help="an ensemble.json (models relative to it, weights, confident_margin)")

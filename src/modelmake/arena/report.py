@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelmake.arena.evaluate import metrics, write_report
+from modelmake.arena.evaluate import HOW_TIES_COUNT, metrics, write_report
 from modelmake.files import write_json
 
 
@@ -21,5 +21,5 @@ def report(evals: dict[str, str], ensemble_preds: str, labelled: str, valid_fold
     ens = pd.read_parquet(ensemble_preds)
     rows.append({"model": "stage3", "stage": "ensemble", **metrics(ens["p_a"], valid.loc[ens["id"], "winner"])})
     write_report(rows, tsv, png)
-    write_json(json_path, {"valid_fold": valid_fold, "rows": rows})
+    write_json(json_path, {"valid_fold": valid_fold, "ties": HOW_TIES_COUNT, "rows": rows})
     return rows

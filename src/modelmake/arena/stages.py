@@ -16,22 +16,24 @@ from pathlib import Path
 
 from modelmake.arena.evaluate import metrics
 from modelmake.arena.model import TrainSettings, hard_targets, predict, train
-from modelmake.arena.template import TemplateSettings
+from modelmake.arena.template import TemplateSettings, pair_turns
 from modelmake.errors import RecordError, UserError
 from modelmake.files import write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
 
-def pair_key(r) -> tuple:
-    return (r.prompt, r.response_a, r.response_b)
+def pair_key(r, swap: bool = False) -> tuple:
+    """The pair's text, turn by turn (a string and a one-item list are the same pair)."""
+    a, b = (r.response_b, r.response_a) if swap else (r.response_a, r.response_b)
+    return tuple(pair_turns(r.prompt, a, b))
 
 
 def check_no_leak(train_df, valid_df, where: str) -> None:
     """Raise when a validation pair (by id, or by text in either order) is in the training data."""
     ids = set(train_df["id"]) & set(valid_df["id"])
     keys = {pair_key(r) for r in valid_df.itertuples()}
-    keys |= {(r.prompt, r.response_b, r.response_a) for r in valid_df.itertuples()}
+    keys |= {pair_key(r, swap=True) for r in valid_df.itertuples()}
     texts = [r.id for r in train_df.itertuples() if pair_key(r) in keys]
     leaked = sorted(ids | set(texts))
     if leaked:

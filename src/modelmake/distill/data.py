@@ -5,9 +5,10 @@ Every row has ``input_ids``, ``attention_mask`` and ``labels`` of exactly ``max_
 *not* shifted: ``labels[t] == input_ids[t]`` where the token is trained on, and the model's loss
 shifts once (the original shifted here too and so trained on token t+2).
 
-* chat: each conversation through the model's own chat template; only assistant tokens (each
-  assistant turn's content and end-of-turn token, ``chat.assistant_mask``: any template, with or
-  without ``{% generation %}`` markers) carry labels, user and system turns are -100.
+* chat: each conversation (the canonical shape, tool turns too) through the model's own chat
+  template; only assistant tokens (each assistant turn's content, its tool calls and end-of-turn
+  token, ``chat.assistant_mask``: any template, with or without ``{% generation %}`` markers) carry
+  labels, user, system and tool turns are -100.
 * web: C4-style records per language (any :mod:`modelmake.records` source, e.g. ``.json.gz``
   shards; the text in ``distill.web.text_field``, ``text`` or e.g. ``raw_content``), interleaved
   round-robin by language (a seeded shuffle within each), EOS-joined and packed into ``max_len`` blocks.
@@ -22,7 +23,7 @@ import random
 import time
 from pathlib import Path
 
-from modelmake.chat import assistant_mask
+from modelmake.chat import assistant_mask, read_conversations
 from modelmake.errors import RecordError, UserError
 from modelmake.files import provenance_record, write_parquet
 from modelmake.records import read_records
@@ -133,15 +134,13 @@ def split_rows(rows: list[dict], eval_rows: int, seed: int) -> tuple[list[dict],
 
 def build_chat(parquets: list[str], tokenizer_dir: str, out_train: str, out_eval: str, *, max_len: int,
                eval_rows: int, seed: int, max_rows: int | None = None) -> dict:
-    import pandas as pd
     from transformers import AutoTokenizer
 
     started = time.time()
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     conversations = []
     for p in parquets:
-        df = pd.read_parquet(p, columns=["messages"])
-        conversations += [(Path(p).parent.parent.name, [dict(m) for m in ms]) for ms in df["messages"]]
+        conversations += [(Path(p).parent.parent.name, ms) for _, ms in read_conversations(p)]
     rows = chat_rows(tok, conversations, max_len)
     if max_rows:
         rows = random.Random(seed).sample(rows, min(max_rows, len(rows)))

@@ -16,6 +16,12 @@ the process count, which is the service layout's: with ``gpu`` process ``i`` get
 NCCL; without, Gloo and ``threads_per_process`` torch threads each. Each process gets its rank's
 environment from ``launch.rank_env``; precision, DeepSpeed and gradient checkpointing reach the
 trainers through ``job.json``.
+
+Exposure: a stage is one machine's processes, so nothing of it listens beyond loopback: the
+rendezvous (torch's TCPStore, unauthenticated) is served by rank 0 on a socket this supervisor binds
+on 127.0.0.1 before any rank starts (``launch.rendezvous_listener``: no other process can take its
+port meanwhile), and Gloo's connections use the loopback interface (``GLOO_SOCKET_IFNAME=lo`` unless
+set). NCCL's bootstrap picks its own interface (``NCCL_SOCKET_IFNAME`` sets it).
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ from pathlib import Path
 from modelmake.config import default, fill_defaults
 from modelmake.errors import ServiceError, UserError
 from modelmake.files import write_json
-from modelmake.launch import rank_env, recipe, scale_problems, scale_settings
-from modelmake.procs import free_port, log_tail, start_in_group, stop_process_groups
+from modelmake.launch import STORE_FD, rank_env, recipe, rendezvous_listener, scale_problems, scale_settings
+from modelmake.procs import log_tail, start_in_group, stop_process_groups
 from modelmake.training import checkpoint_key, prepare_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -77,11 +83,11 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, scale: dic
     prepare_checkpoint_dir(ckpt, key, rank=0)
     job_path = ckpt / "job.json"
     write_json(job_path, job)
-    port = free_port()
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] if gpu else []
     if gpu and len(visible) < world:
         raise UserError(f"this stage needs {world} GPUs (groups x (ranks_per_group + 1)), "
                         f"CUDA_VISIBLE_DEVICES has {len(visible)}: raise the rule's gpu resource")
+    listener = rendezvous_listener()  # rank 0 serves the rendezvous on it; bound now, so no one takes the port
     procs: list[tuple[str, subprocess.Popen, Path]] = []
 
     def stop_all(grace_s: float = 10.0) -> None:
@@ -97,15 +103,11 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, scale: dic
         for rank in range(world):
             name = (f"teacher{layout.role(rank)[1]}" if service and layout.role(rank)[0] == "teacher"
                     else f"trainer{layout.role(rank)[2] if service else rank}")
-            env = {**os.environ, **rank_env(rank, world, port, local_rank=0 if gpu else rank),
-                   "OMP_NUM_THREADS": str(job["threads_per_process"]),
-                   # the children import this very modelmake, whatever sys.path the caller had
-                   "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
-            if gpu:
-                env["CUDA_VISIBLE_DEVICES"] = visible[rank]
+            env, fds = rank_process_env(rank, world, listener, job["threads_per_process"],
+                                        visible[rank] if gpu else None)
             logf = log_dir / f"{name}.log"
             p = start_in_group([sys.executable, "-m", "modelmake.distill.train", str(job_path)], logf, env,
-                               append=False)
+                               append=False, pass_fds=fds)
             procs.append((name, p, logf))
             log.info("started %s (rank %d, pid %d), log %s", name, rank, p.pid, logf)
         started = time.monotonic()
@@ -133,12 +135,29 @@ def run_stage(job: dict, log_dir: str | Path, ready_timeout_s: float, scale: dic
                                        f"{missing} missing; see the logs in {log_dir}")
             time.sleep(0.2)
     finally:
+        listener.close()
         stop_all(grace_s=2)
         for s, h in old.items():
             signal.signal(s, h)
     for done in ckpt.glob("checkpoint-*"):  # the model folder is complete: checkpoints are spent
         shutil.rmtree(done, ignore_errors=True)
     log.info("stage done: %s", job["out"])
+
+
+def rank_process_env(rank: int, world: int, listener, threads: int,
+                     gpu: str | None = None) -> tuple[dict[str, str], tuple[int, ...]]:
+    """The whole environment of rank ``rank`` of a stage, and the file descriptors it inherits:
+    rank 0 the rendezvous ``listener`` (``launch.rendezvous_listener``), which it serves the store on."""
+    env = {**os.environ, **rank_env(rank, world, listener.getsockname()[1], local_rank=0 if gpu else rank),
+           "OMP_NUM_THREADS": str(threads),
+           # the children import this very modelmake, whatever sys.path the caller had
+           "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
+           "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    if rank != 0:
+        return env, ()
+    return {**env, STORE_FD: str(listener.fileno())}, (listener.fileno(),)
 
 
 def resume_settings(job: dict) -> dict:

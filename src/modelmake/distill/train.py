@@ -63,14 +63,34 @@ def spec_for(config, job: dict):
                 hidden_size=config.hidden_size * hidden, topk=0 if s["stage"] == 1 else s["teacher_topk"])
 
 
+def save_state(folder: Path, trainable: dict, opt, scaler) -> None:
+    """A checkpoint's trainable weights, optimizer and grad-scaler state (``state.pt``): tensors and
+    plain values only, what :func:`load_state` accepts."""
+    import torch
+
+    torch.save({"trainable": trainable, "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None},
+               folder / "state.pt")
+
+
+def load_state(folder: Path, device) -> dict:
+    """What :func:`save_state` wrote, read with ``weights_only``: a checkpoint file is data, and one
+    that holds anything else (pickled code) is refused, not run."""
+    import torch
+
+    return torch.load(folder / "state.pt", map_location=device, weights_only=True)
+
+
 def init_world(job: dict):
     import torch.distributed as dist
 
     from modelmake.distill.service import Groups, Layout
 
     layout = Layout(job["groups"], job["ranks_per_group"])
-    if not dist.is_initialized():
-        dist.init_process_group(job["backend"], timeout=timedelta(seconds=job["settings"]["collective_timeout_s"]))
+    if not dist.is_initialized():  # rendezvous on this machine's loopback (modelmake.launch.rendezvous_store)
+        timeout = job["settings"]["collective_timeout_s"]
+        dist.init_process_group(job["backend"], store=launch.rendezvous_store(timeout), rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout))
     if dist.get_world_size() != (layout.world_size if job["teacher_mode"] == "service" else layout.groups * layout.ranks_per_group):
         raise RuntimeError(f"world size {dist.get_world_size()} does not fit the layout {layout}")
     if job["teacher_mode"] == "local":
@@ -208,7 +228,7 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
         if engine is not None:
             engine.load_checkpoint(str(ckpt_dir), tag=Path(last).name)
         else:
-            saved = torch.load(Path(last) / "state.pt", map_location=device, weights_only=False)
+            saved = load_state(Path(last), device)
             student.load_state_dict(saved["trainable"], strict=False)
             opt.load_state_dict(saved["optimizer"])
             if saved.get("scaler"):
@@ -291,9 +311,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, history, student, opt, engine, pr
         trainable = {k: v for k, v in student.state_dict().items()
                      if dict(student.named_parameters()).get(k) is not None
                      and dict(student.named_parameters())[k].requires_grad}
-        torch.save({"trainable": trainable, "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None},
-                   folder / "state.pt")
+        save_state(folder, trainable, opt, scaler)
     if primary:
         write_json(folder / "trainer_state.json", {"global_step": step, "log_history": history})  # last
         for old in ckpt_dir.glob("checkpoint-*"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from modelmake.chat import messages_type
 from modelmake.files import provenance_record, pyplot, read_jsonl, save_figure, write_json, write_parquet
 
 
@@ -14,20 +15,24 @@ def merge_shards(
 ) -> dict:
     """Successful records of every shard -> parquet (id, messages, teacher, tokens, source shard).
 
-    Failed records are counted in the stats, not written. The parquet's schema metadata holds the
+    Failed records and dropped ones (``pseudo_labels.ending_user_turn: drop``) are counted in the
+    stats, not written. The parquet's schema metadata holds the
     provenance (config slice, code version, input hashes, counts, wall time), so the dataset carries
     what made it.
     """
     import pyarrow as pa
 
     started = time.time()
-    rows, failed, per_shard = [], 0, []
+    rows, failed, dropped, per_shard = [], 0, 0, []
     for path in map(str, shards):
         recs = read_jsonl(path)
-        n_ok = 0
+        n_ok = n_dropped = 0
         for r in recs:
             if "error" in r:
                 failed += 1
+                continue
+            if "dropped" in r:
+                n_dropped += 1
                 continue
             g = r["generation"]
             rows.append({
@@ -37,16 +42,17 @@ def merge_shards(
                 "turns": g["turns"], "truncated": g["truncated"], "shard": path,
             })
             n_ok += 1
-        per_shard.append({"shard": path, "records": len(recs), "ok": n_ok})
+        dropped += n_dropped
+        per_shard.append({"shard": path, "records": len(recs), "ok": n_ok, "dropped": n_dropped})
     schema = pa.schema([
         ("id", pa.string()),
-        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("messages", messages_type()),
         ("teacher", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
         ("turns", pa.int64()), ("truncated", pa.bool_()), ("shard", pa.string()),
     ])
     tokens = [r["completion_tokens"] for r in rows]
     counts = {
-        "records": len(rows) + failed, "ok": len(rows), "failed": failed,
+        "records": len(rows) + failed + dropped, "ok": len(rows), "failed": failed, "dropped": dropped,
         "completion_tokens": sum(tokens), "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
         "truncated": sum(r["truncated"] for r in rows),
     }
@@ -64,8 +70,11 @@ def plot_lengths(tokens: list[int], per_shard: list[dict], path: str | Path) -> 
     a.set_xlabel("generated tokens per conversation")
     a.set_ylabel("conversations")
     b.bar(range(len(per_shard)), [s["ok"] for s in per_shard], color="#55a868", label="ok")
-    b.bar(range(len(per_shard)), [s["records"] - s["ok"] for s in per_shard],
-          bottom=[s["ok"] for s in per_shard], color="#c44e52", label="failed")
+    failed = [s["records"] - s["ok"] - s["dropped"] for s in per_shard]
+    b.bar(range(len(per_shard)), failed, bottom=[s["ok"] for s in per_shard], color="#c44e52", label="failed")
+    if any(s["dropped"] for s in per_shard):
+        b.bar(range(len(per_shard)), [s["dropped"] for s in per_shard],
+              bottom=[s["ok"] + f for s, f in zip(per_shard, failed)], color="#8c8c8c", label="dropped")
     b.set_xlabel("shard")
     b.set_ylabel("records")
     if len(per_shard) <= 32:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from modelmake.chat import plain_messages
 from modelmake.files import atomic_open, dumps, stable_hash, write_json
 
 
@@ -36,8 +37,8 @@ def write_partition(parquet: str | Path, out_dir: str | Path, part: int, partiti
     buckets: list[list[dict]] = [[] for _ in range(shards)]
     for row in pq.read_table(parquet).to_pylist():
         p, s = place(row["id"], partitions, shards)
-        if p == part:
-            buckets[s].append(row)
+        if p == part:  # messages in the OpenAI form generation sends: only the fields that are set
+            buckets[s].append({**row, "messages": plain_messages(row["messages"])})
     for s, rows in enumerate(buckets):
         with atomic_open(out_dir / shard_name(s)) as f:
             for row in rows:

@@ -2,8 +2,8 @@
 
 * :func:`single_turn`: reformatted ``{id, messages}`` parquet (UltraChat-200k, ShareGPT, ...; see
   :mod:`modelmake.reformat`) -> ``{id, prompt, real}`` parquet: the first user turn and the
-  assistant answer that follows it (the gold answer). Conversations without one are counted and
-  left out.
+  assistant answer that follows it (the gold answer). Conversations without one (or whose first
+  answer is a tool call) are counted and left out.
 * :func:`write_fractions`: that parquet -> ``frac{k}.jsonl`` files of ``frac_len`` prompts each
   (``frac_len: 0``: one fraction), each record ``{id, messages: [user, assistant(gold)]}``: the
   shape :func:`modelmake.generate.generate_shard` reads; it re-generates the one assistant turn.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from modelmake.chat import is_tool_call, read_conversations
 from modelmake.errors import RecordError, UserError
 from modelmake.files import (
     atomic_open, digest, dumps, provenance_record, read_jsonl, sha256_file, write_json, write_parquet,
@@ -31,21 +32,21 @@ def single_turn(reformatted: str | Path, out: str | Path, *, config: dict | None
     import pandas as pd
 
     started = time.time()
-    df = pd.read_parquet(reformatted)
+    conversations = read_conversations(reformatted)
     rows, skipped = [], 0
-    for rid, messages in zip(df["id"], df["messages"]):
+    for rid, messages in conversations:
         turns = [m for m in messages if m["role"] != "system"]
         if len(turns) < 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant" \
-                or not turns[0]["content"].strip() or not turns[1]["content"].strip():
-            skipped += 1
+                or is_tool_call(turns[1]) or not turns[0]["content"].strip() or not turns[1]["content"].strip():
+            skipped += 1  # no answer in words (none, or a tool call) to the first question
             continue
-        rows.append({"id": str(rid), "prompt": turns[0]["content"], "real": turns[1]["content"]})
+        rows.append({"id": rid, "prompt": turns[0]["content"], "real": turns[1]["content"]})
     if not rows:
         raise RecordError(
             f"{reformatted}: no conversation opens with a user turn and an assistant answer; "
             f"check selfplay.dataset and its splits in config.yaml"
         )
-    counts = {"conversations": len(df), "prompts": len(rows), "skipped": skipped}
+    counts = {"conversations": len(conversations), "prompts": len(rows), "skipped": skipped}
     write_parquet(pd.DataFrame(rows, columns=["id", "prompt", "real"]), out,
                   provenance=provenance_record(config=config or {}, inputs=[reformatted], counts=counts,
                                                started=started))
