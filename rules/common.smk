@@ -218,12 +218,15 @@ def pool_gpus(role, servers=None):
     return (servers or s["servers_per_partition"]) * s["tensor_parallel_size"] if s["gpu"] else 0
 
 
-def generation_settings(config_key, section, model_source):
+def generation_settings(config_key, section, model_source, extra_body=None):
     """What `modelmake generate` needs from a section holding the generation settings (schema
-    $defs/generation) as JSON; ``config_key`` names that section in errors (e.g. arena.response_pairs)."""
+    $defs/generation) as JSON; ``config_key`` names that section in errors (e.g. arena.response_pairs).
+    ``extra_body``: more fields of every request (the router judge's structured outputs)."""
     keys = ["sampling", "max_conversation_tokens", "concurrency", "retries", "max_failure_share"]
     keys += [k for k in ("regenerate", "ending_user_turn") if k in section]  # pseudo_labels' own
-    return as_json({"config_key": config_key, "teacher_source": model_source, **{k: section[k] for k in keys}})
+    extra = {"extra_body": extra_body} if extra_body is not None else {}
+    return as_json({"config_key": config_key, "teacher_source": model_source, **{k: section[k] for k in keys},
+                    **extra})
 
 
 # --- training jobs: every pipeline's training rule scales through its section's `scale` ($defs/scale)

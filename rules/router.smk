@@ -7,18 +7,180 @@
 TARGETS += router_targets()
 
 
+if ROUTER_BUILD:
+
+    rule router_label_prompts:
+        """The prompts the labels are built on: the first user turn of each conversation of the
+        reformatted datasets, or users' prompt records; a seeded sample (router.build_labels.prompts)."""
+        input:
+            router_label_prompt_inputs(),
+        output:
+            router_labels_path("prompts.jsonl"),
+        params:
+            sources=router_label_prompt_args,
+            fields=as_json(ROUTER_BUILD["prompts"]["fields"]),
+            n=ROUTER_BUILD["prompts"]["n"] if ROUTER_BUILD["prompts"]["n"] is not None else "null",
+            seed=config["seed"],
+        log:
+            log_path("router", ROUTER["run"], "labels", "prompts.log"),
+        threads: job_threads("data")
+        resources:
+            **job_resources("data"),
+        conda:
+            "../envs/train.yaml"
+        shell:
+            "python -m modelmake router-label-prompts {params.sources:q} --fields {params.fields:q} "
+            "--n {params.n:q} --seed {params.seed:q} --out {output:q} > {log:q} 2>&1"
+
+    use rule generate from generation as router_label_answer with:
+        input:
+            prompts=router_labels_path("prompts.jsonl"),
+            model=lambda w: model_inputs(router_label_role(w.label_model)),
+        output:
+            router_labels_path("answers", "{label_model}.jsonl"),
+        wildcard_constraints:
+            label_model="weak|strong",
+        params:
+            records=lambda w, input: input.prompts,
+            settings=lambda w: generation_settings(
+                "router.build_labels.answers", ROUTER_BUILD["answers"], model_source(router_label_role(w.label_model))
+            ),
+            pool_spec=lambda w: pool_spec(router_label_role(w.label_model), servers=ROUTER_BUILD["servers"]),
+            pool_dir=lambda w: pool_folder(router_label_role(w.label_model), "router")["pool_dir"],
+            pool_logs=lambda w: pool_folder(router_label_role(w.label_model), "router")["pool_logs"],
+        log:
+            log_path("router", ROUTER["run"], "labels", "answer_{label_model}.log"),
+        threads: job_threads("router.generate")
+        resources:
+            **job_resources(
+                "router.generate", gpus=lambda w: pool_gpus(router_label_role(w.label_model), ROUTER_BUILD["servers"])
+            ),
+
+    rule router_judge_input:
+        """A judge conversation per answer: the grading prompt (router.build_labels.grading.prompt)
+        with the question, the answer and the scale filled in."""
+        input:
+            prompts=router_labels_path("prompts.jsonl"),
+            weak=router_labels_path("answers", "weak.jsonl"),
+            strong=router_labels_path("answers", "strong.jsonl"),
+        output:
+            router_labels_path("judge", "input.jsonl"),
+        params:
+            # functions: the templates' braces ({question}, ...) are no wildcards
+            grading=lambda w: as_json({k: ROUTER_BUILD["grading"][k] for k in ("prompt", "system", "scale")}),
+        log:
+            log_path("router", ROUTER["run"], "labels", "judge_input.log"),
+        threads: job_threads("data")
+        resources:
+            **job_resources("data"),
+        conda:
+            "../envs/train.yaml"
+        shell:
+            "python -m modelmake router-judge-input {input.prompts:q} --answers weak={input.weak:q} "
+            "strong={input.strong:q} --grading {params.grading:q} --out {output:q} > {log:q} 2>&1"
+
+    use rule generate from generation as router_judge with:
+        input:
+            records=router_labels_path("judge", "input.jsonl"),
+            model=model_inputs(ROUTER_BUILD["judge"]),
+        output:
+            router_labels_path("judge", "replies.jsonl"),
+        params:
+            records=lambda w, input: input.records,
+            settings=router_judge_settings(),
+            pool_spec=pool_spec(ROUTER_BUILD["judge"], servers=ROUTER_BUILD["servers"]),
+            pool_dir=pool_folder(ROUTER_BUILD["judge"], "router")["pool_dir"],
+            pool_logs=pool_folder(ROUTER_BUILD["judge"], "router")["pool_logs"],
+        log:
+            log_path("router", ROUTER["run"], "labels", "judge.log"),
+        threads: job_threads("router.generate")
+        resources:
+            **job_resources("router.generate", gpus=pool_gpus(ROUTER_BUILD["judge"], ROUTER_BUILD["servers"])),
+
+    rule router_judge_retry_input:
+        """The judge conversations whose reply held no grade, with the retry prompt appended."""
+        input:
+            records=router_labels_path("judge", "input.jsonl"),
+            replies=router_labels_path("judge", "replies.jsonl"),
+        output:
+            router_labels_path("judge", "retry_input.jsonl"),
+        params:
+            grading=lambda w: as_json({k: ROUTER_BUILD["grading"][k] for k in ("retry_prompt", "scale")}),
+        log:
+            log_path("router", ROUTER["run"], "labels", "judge_retry_input.log"),
+        threads: job_threads("data")
+        resources:
+            **job_resources("data"),
+        conda:
+            "../envs/train.yaml"
+        shell:
+            "python -m modelmake router-judge-retry-input {input.records:q} --replies {input.replies:q} "
+            "--grading {params.grading:q} --out {output:q} > {log:q} 2>&1"
+
+    use rule generate from generation as router_judge_retry with:
+        input:
+            records=router_labels_path("judge", "retry_input.jsonl"),
+            model=model_inputs(ROUTER_BUILD["judge"]),
+        output:
+            router_labels_path("judge", "retry_replies.jsonl"),
+        params:
+            records=lambda w, input: input.records,
+            settings=router_judge_settings(retry=True),
+            pool_spec=pool_spec(ROUTER_BUILD["judge"], servers=ROUTER_BUILD["servers"]),
+            pool_dir=pool_folder(ROUTER_BUILD["judge"], "router")["pool_dir"],
+            pool_logs=pool_folder(ROUTER_BUILD["judge"], "router")["pool_logs"],
+        log:
+            log_path("router", ROUTER["run"], "labels", "judge_retry.log"),
+        threads: job_threads("router.generate")
+        resources:
+            **job_resources("router.generate", gpus=pool_gpus(ROUTER_BUILD["judge"], ROUTER_BUILD["servers"])),
+
+    rule router_labels:
+        """Each answer's grade (the retry's where the first reply had none) -> the scored prompts
+        {id, prompt, scores: {<weak>: g, <strong>: g}} on the judge's scale, and their stats; fails
+        past router.build_labels.grading.max_failure_share answers without a grade."""
+        input:
+            prompts=router_labels_path("prompts.jsonl"),
+            weak=router_labels_path("answers", "weak.jsonl"),
+            strong=router_labels_path("answers", "strong.jsonl"),
+            records=router_labels_path("judge", "input.jsonl"),
+            replies=router_labels_path("judge", "replies.jsonl"),
+            retries=router_labels_path("judge", "retry_replies.jsonl"),
+        output:
+            scored=router_labels_path("scored_prompts.jsonl"),
+            stats=router_labels_path("stats.json"),
+        params:
+            names=as_json({m: router_label_role(m) for m in ("weak", "strong")}),
+            grading=as_json({k: ROUTER_BUILD["grading"][k] for k in ("scale", "structured", "max_failure_share")}),
+            config=lambda w: as_json(ROUTER_BUILD),
+        log:
+            log_path("router", ROUTER["run"], "labels", "labels.log"),
+        threads: job_threads("data")
+        resources:
+            **job_resources("data"),
+        conda:
+            "../envs/train.yaml"
+        shell:
+            "python -m modelmake router-labels {input.prompts:q} --answers weak={input.weak:q} "
+            "strong={input.strong:q} --judge-input {input.records:q} --replies {input.replies:q} "
+            "--retries {input.retries:q} --names {params.names:q} --grading {params.grading:q} "
+            "--config {params.config:q} --out {output.scored:q} --stats {output.stats:q} > {log:q} 2>&1"
+
+
 rule router_data:
-    """Validate the prompts (labels, scores per model on the declared scale), take the seeded
-    subsample and cut train / calib / test (test from the records with both models' scores)."""
+    """Validate the prompts (labels, scores per model on the declared scale; the built labels too,
+    with router.build_labels), take the seeded subsample and cut train / calib / test (test from the
+    records with both models' scores)."""
     input:
-        local_sources(ROUTER["data"]),
+        data=local_sources(ROUTER["data"]),
+        built=[router_labels_path("scored_prompts.jsonl")] if ROUTER_BUILD else [],
     output:
         train=router_path("data", "train.parquet"),
         calib=router_path("data", "calib.parquet"),
         test=router_path("data", "test.parquet"),
         stats=router_path("data", "stats.json"),
     params:
-        sources=record_sources(ROUTER["data"]),
+        sources=router_data_sources,
         fields=as_json(ROUTER["fields"]),
         scores=as_json(ROUTER["scores"]),
         system=["--system", ROUTER["system"]] if ROUTER["system"] is not None else [],

@@ -93,7 +93,9 @@ LAUNCHER_DISTS = ("torch",)
 CLI_ENTRY = ("main", "parser", "add_commands")
 # Loads of the workflow beyond the demo config, for rules only some configs define.
 VARIANTS = {
-    "router ZeRO-3 (router_consolidate)": {"router": {"scale": {"deepspeed": "config/router/zero3.json"}}}
+    "router ZeRO-3 (router_consolidate)": {"router": {"scale": {"deepspeed": "config/router/zero3.json"}}},
+    # a config file layered over the demo, as --configfile config.yaml FILE does
+    "router built labels (router.build_labels)": REPO / "config/router/built_labels.yaml",
 }
 
 
@@ -382,6 +384,7 @@ def workflow_rules() -> list[RuleEnv]:
     demo = yaml.safe_load((REPO / "config.yaml").read_text())
     configs = {"demo": demo}
     for label, over in VARIANTS.items():
+        over = yaml.safe_load(over.read_text()) if isinstance(over, Path) else over
         configs[label] = merge(copy.deepcopy(demo), over)
     found: dict[str, RuleEnv] = {}
     names: set[str] = set()

@@ -569,3 +569,73 @@ def test_pipelines_cannot_need_each_others_models_in_a_cycle(config):
     assert "selfplay.sft_model is models.sft, built by router" in msg
     assert "router.base is models.router_base, built by selfplay" in msg
     assert msg.count("would need its own results") == 1  # one cycle, reported once
+
+
+# ---------------------------------------------------------------- router.build_labels
+
+
+def built_labels(config: dict) -> dict:
+    """The demo config with config/router/built_labels.yaml layered over it (as --configfile does)."""
+    over = yaml.safe_load((REPO / "config/router/built_labels.yaml").read_text())
+    config["models"].update(over["models"])
+    config["router"].update(over["router"])
+    return config
+
+
+def test_built_labels_name_the_routers_scores_and_need_no_data(config):
+    out = validate(built_labels(config))
+    assert out["router"]["data"] == []
+    assert out["router"]["scores"] == {"weak": "router_weak", "strong": "router_strong",
+                                       "scale": {"min": 1, "max": 10}, "labels": "linear"}
+    g = out["router"]["build_labels"]["grading"]
+    assert g["system"] == "You are a helpful assistant." and g["structured_api"] == "structured_outputs"
+    assert 'strictly in this format: "Rating: [[k]]", where k is a whole number from {min} to {max}' in g["retry_prompt"]
+
+
+def test_the_default_judge_prompt_is_mt_benchs_single_answer_grading(config):
+    c = built_labels(config)
+    for key in ("prompt", "structured"):
+        del c["router"]["build_labels"]["grading"][key]
+    c["router"]["build_labels"]["grading"]["max_conversation_tokens"] = 512
+    g = validate(c)["router"]["build_labels"]["grading"]
+    assert g["prompt"].startswith("[Instruction]\nPlease act as an impartial judge and evaluate the quality")
+    assert 'by strictly following this format: "[[rating]]", for example: "Rating: [[5]]".' in g["prompt"]
+    assert g["prompt"].endswith("[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer}\n"
+                                "[The End of Assistant's Answer]")
+    assert g["structured"] == "explained" and g["max_failure_share"] == 0.05
+
+
+def test_router_scores_that_contradict_the_built_labels_are_refused(config):
+    c = built_labels(config)
+    c["router"]["scores"] = {"weak": "mixtral-8x7b", "scale": {"min": 1, "max": 10}}
+    msg = problems(c)
+    assert "router.scores.weak: 'mixtral-8x7b', but the built labels' scores are named by " \
+           "router.build_labels.weak ('router_weak')" in msg
+    assert "router.scores.scale" not in msg  # equal: allowed
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda r: r.update(data=[]) or r.pop("build_labels"),
+     "router.data: no records to train on: list sources here, or add router.build_labels"),
+    (lambda r: r["build_labels"].update(strong="router_weak"),
+     "router.build_labels.strong: 'router_weak' is the weak model too"),
+    (lambda r: r["build_labels"]["grading"].update(prompt="Rate {question} from {min} to {max}"),
+     "router.build_labels.grading.prompt: the judge prompt must hold {answer}"),
+    (lambda r: r["build_labels"]["grading"].update(scale={"min": 5, "max": 5}),
+     "router.build_labels.grading.scale: min 5 must be below max 5"),
+    (lambda r: r["build_labels"].update(judge="nobody"),
+     "router.build_labels.judge: 'nobody' is not a key of models"),
+    (lambda r: r["build_labels"]["prompts"].update(datasets=["chat_en"], split="test"),
+     "router.build_labels.prompts.split: 'test' is not a split of datasets.chat_en"),
+    (lambda r: r["build_labels"]["prompts"].update(files=["resources/demo/router/scored_prompts.jsonl"]),
+     "router.build_labels.prompts: give exactly one of datasets, files"),
+    (lambda r: r["build_labels"]["grading"].update(structured="off"),
+     "router.build_labels.grading.structured: 'off' is not one of ['none', 'grade', 'explained']"),
+    (lambda r: r["build_labels"]["grading"].update(max_conversation_tokens=2048),
+     "router.build_labels.grading.max_conversation_tokens: 2048 exceeds serve.max_model_len=512 (the "
+     "max_model_len of router_judge)"),
+])
+def test_built_label_settings_are_checked(config, change, expected):
+    c = built_labels(config)
+    change(c["router"])
+    assert expected in problems(c)

@@ -40,8 +40,12 @@ def test_every_rule_runs_in_an_env_file_that_pins_what_its_command_imports(rules
         "generate_shard",
         "arena_generate",
         "selfplay_generate",
+        "router_label_answer",
+        "router_judge",
+        "router_judge_retry",
     }
     assert "router_consolidate" in {r.rule for r in rules}  # a rule only the ZeRO-3 variant defines
+    assert "router_labels" in {r.rule for r in rules}  # only the built-labels variant
     assert envcheck.check_imports(rules) == []
 
 

@@ -663,6 +663,17 @@ def test_the_progress_bar_keeps_its_failure_count_in_constant_time_per_record(tm
     assert asked[0] <= 4 * n  # a few questions per record; the recount asked n * (n + 1) / 2 of them
 
 
+def test_extra_body_fields_reach_every_request(tmp_path, fake_server):
+    """The router judge's structured-output constraint travels in the request body (vLLM reads it there)."""
+    extra = {"structured_outputs": {"choice": ["Rating: [[1]]", "Rating: [[2]]"]}}
+    shard = write_shard(tmp_path / "shard.jsonl", [{"id": "a", "messages": conv("q1", "a1", "q2")}])
+    generate_shard(shard, tmp_path / "out.jsonl", fake_server.factory(), settings(extra_body=extra),
+                   show_progress=False)
+    assert len(fake_server.requests) == 2
+    assert all(r["structured_outputs"] == extra["structured_outputs"] and r["model"] == "teacher"
+               for r in fake_server.requests)
+
+
 # ---------------------------------------------------------------- seeds and fingerprints
 
 
@@ -687,6 +698,7 @@ def test_fingerprint_follows_what_is_generated_not_how_fast():
         settings(teacher_source={"path": "/models/x"}),
         settings(model="other"),
         settings(max_conversation_tokens=1000),
+        settings(extra_body={"structured_outputs": {"choice": ["Rating: [[1]]"]}}),
         settings(regenerate="last"),
     ]
     assert all(c.fingerprint() != fp for c in changed)

@@ -151,9 +151,51 @@ def test_shipped_configs_validate():
     from modelmake.config import validate
 
     validate(yaml.safe_load((REPO / "config.yaml").read_text()))
+    validate(layered([yaml.safe_load((REPO / f).read_text()) for f in ("config.yaml", BUILT_LABELS)]))
     for name, files in CLUSTER_EXAMPLES.items():
         # their model and data paths exist on the cluster, not here
         validate(layered([yaml.safe_load((CLUSTER / f).read_text()) for f in files]), check_paths=False)
+
+
+BUILT_LABELS = "config/router/built_labels.yaml"
+# router.build_labels, in the order each step feeds the next
+LABEL_CHAIN = ["reformat", "router_label_prompts", "router_label_answer", "router_judge_input", "router_judge",
+               "router_judge_retry_input", "router_judge_retry", "router_labels", "router_data"]
+
+
+def rule_edges(dot: str) -> set[tuple[str, str]]:
+    """(from rule, to rule) of a --rulegraph."""
+    names = dict(re.findall(r'^\s*(\d+)\[label = "(\w+)"', dot, re.M))
+    return {(names[a], names[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)}
+
+
+def test_built_labels_chain_prompts_answers_grades_into_router_data(tmp_path):
+    """config/router/built_labels.yaml over the demo: the router's data come from the judge's grades of
+    the weak and the strong model's answers to the chat datasets' first user turns."""
+    write_config(tmp_path, small_config(tmp_path))
+    shutil.copy(REPO / BUILT_LABELS, tmp_path / "built_labels.yaml")
+    files = ("--configfile", str(tmp_path / "config.yaml"), str(tmp_path / "built_labels.yaml"))
+    target = str(tmp_path / "results/router/built/data/train.parquet")
+    out = run_snakemake(tmp_path, "-n", "-p", target, *files).stdout
+    planned = jobs_planned(out)
+    assert {r: planned.get(r) for r in LABEL_CHAIN} == {
+        "reformat": 2, "router_label_prompts": 1, "router_label_answer": 2, "router_judge_input": 1,
+        "router_judge": 1, "router_judge_retry_input": 1, "router_judge_retry": 1, "router_labels": 1,
+        "router_data": 1}
+    # one pool per role: the weak and the strong model answer, the judge grades (first replies and retries)
+    for role in ("router_weak", "router_strong", "router_judge"):
+        assert f"serve/{role}/router" in out
+    assert out.count("serve/router_judge/router --pool-logs") == 2
+    assert '"structured_outputs":{"choice":["Rating: [[1]]",' in out
+    assert "router-data " + str(tmp_path / "results/router/built/labels/scored_prompts.jsonl") in out
+    assert '"strong":"router_strong","weak":"router_weak"' in out  # router.scores named by the roles
+    dot = run_snakemake(tmp_path, "--rulegraph", "dot", target, *files).stdout
+    edges = rule_edges(dot[dot.index("digraph"):])
+    assert {(a, b) for a, b in zip(LABEL_CHAIN, LABEL_CHAIN[1:])} <= edges
+    assert ("router_label_answer", "router_labels") in edges and ("build_model", "router_judge") in edges
+    # the whole layered demo plans too: the router's rules share the workflow's namespace with the others'
+    everything = jobs_planned(run_snakemake(tmp_path, "-n", *files).stdout)
+    assert everything["generate_shard"] == 4 and everything["router_label_answer"] == 2
 
 
 @pytest.mark.parametrize("pipeline", sorted(PIPELINE_RULES))

@@ -262,6 +262,7 @@ def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool =
     if problems:
         raise ConfigError(_report(problems, schema_path))
     config = _with_defaults(schema, config, schema)
+    problems += _built_label_scores(config)
     for at, value, ref, parent in _annotated(schema, config, schema, "x-ref"):
         problems += _ref_problems(config, at, value, ref, parent)
     for at, _, source, _ in _annotated(schema, config, schema, "x-from", types=(object,)):
@@ -426,6 +427,10 @@ def generating_roles(c: dict) -> dict[str, list[str]]:
         out["arena.response_pairs"] = list(c["arena"]["response_pairs"]["generators"])
     if "selfplay" in c:
         out["selfplay"] = [c["selfplay"]["sft_model"]]
+    built = (c.get("router") or {}).get("build_labels")
+    if built:
+        out["router.build_labels.answers"] = [built["weak"], built["strong"]]
+        out["router.build_labels.grading"] = [built["judge"]]
     return out
 
 
@@ -451,11 +456,43 @@ def _distill_checks(c: dict) -> list[str]:
     return out
 
 
+def _built_label_scores(c: dict) -> list[str]:
+    """With router.build_labels, router.scores names the built scores: weak and strong are its model
+    roles, scale the judge's. Fills them in (in place); a value given that says otherwise is a problem."""
+    r = c.get("router")
+    built = (r or {}).get("build_labels")
+    if not built:
+        return []
+    out, s = [], r["scores"]
+    for key, value, source in (("weak", built["weak"], "router.build_labels.weak"),
+                               ("strong", built["strong"], "router.build_labels.strong"),
+                               ("scale", built["grading"]["scale"], "router.build_labels.grading.scale")):
+        if s.get(key) is not None and s[key] != value:
+            out.append(f"router.scores.{key}: {s[key]!r}, but the built labels' scores are named by {source} "
+                       f"({value!r}); remove router.scores.{key} (it is set from there) or make them equal")
+        s[key] = value
+    return out
+
+
 def _router_checks(c: dict) -> list[str]:
     r = c.get("router")
     if r is None:
         return []
     out = []
+    built = r.get("build_labels")
+    if not r["data"] and not built:
+        out.append("router.data: no records to train on: list sources here, or add router.build_labels to build "
+                   "the labels in the workflow")
+    if built:
+        from modelmake.router.labels import template_problems
+
+        if built["weak"] == built["strong"]:
+            out.append(f"router.build_labels.strong: {built['strong']!r} is the weak model too; routing needs two")
+        g = built["grading"]
+        out += template_problems(g["prompt"], "router.build_labels.grading.prompt")
+        if not g["scale"]["min"] < g["scale"]["max"]:
+            out.append(f"router.build_labels.grading.scale: min {g['scale']['min']} must be below max "
+                       f"{g['scale']['max']}")
     if r["split"]["calib"] + r["split"]["test"] >= 1:
         out.append("router.split: calib + test must leave records to train on (sum below 1)")
     s = r["scores"]
@@ -464,7 +501,7 @@ def _router_checks(c: dict) -> list[str]:
             out.append(f"router.scores.{role} and router.fields.{role}_score both say where the {role} model's "
                        "score is: keep one")
     scale, labels = s["scale"], s["labels"]
-    if scale and not scale["min"] < scale["max"]:
+    if scale and not scale["min"] < scale["max"] and not built:  # a built scale is checked above
         out.append(f"router.scores.scale: min {scale['min']} must be below max {scale['max']}")
     if isinstance(labels, list) and any(a >= b for a, b in zip(labels, labels[1:])):
         out.append(f"router.scores.labels: the cut points {labels} must be ascending")

@@ -80,6 +80,9 @@ class GenerateSettings:
     # the arena's and self-play's records end on the one assistant turn they regenerate)
     regenerate: str = schema_field("pseudo_labels.regenerate")
     ending_user_turn: str = schema_field("pseudo_labels.ending_user_turn")
+    # more fields of every request's body, e.g. vLLM's structured_outputs (the router's judge); part of
+    # the fingerprint when given
+    extra_body: dict | None = None
 
     @classmethod
     def from_dict(cls, model: str, opts: dict) -> GenerateSettings:
@@ -104,6 +107,8 @@ class GenerateSettings:
                "max_conversation_tokens": self.max_conversation_tokens}
         if self.regenerate != "assistant":  # absent otherwise: journals from before the key stay reusable
             key["regenerate"] = self.regenerate
+        if self.extra_body is not None:  # likewise
+            key["extra_body"] = self.extra_body
         # ending_user_turn is not in it: it decides which records are generated, not how
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -238,6 +243,8 @@ async def answer_turns(client, url: str, rec: dict, s: GenerateSettings) -> dict
         }
         if s.sampling.ignore_eos:
             body["ignore_eos"] = True  # a vLLM extension of the OpenAI API
+        if s.extra_body:
+            body.update(s.extra_body)
         out = await chat(client, url, body, s)
         choice = out["choices"][0]
         answer = {"role": "assistant", "content": choice["message"]["content"] or ""}

@@ -3,6 +3,8 @@
 Modules, one concept each:
 
 * ``tokens``: the five label tokens, the router's conversation format, adding tokens to a model;
+* ``labels``: the labels built by the workflow (``router.build_labels``): prompts -> the weak and the
+  strong model's answers -> a judge's MT-Bench-style grades -> scored prompts for ``data``;
 * ``data``: labelled and / or scored prompts (any records source; scores per model on a declared scale)
   -> validated, seeded subsample -> train / calib / test parquet;
 * ``train``: TRL SFT (assistant-only loss, EOS) under DeepSpeed ZeRO-3 or plain, resumable;

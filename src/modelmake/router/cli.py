@@ -84,6 +84,51 @@ def cmd_evaluate(a) -> None:
                      inputs=[a.scored, *([a.calibration] if a.calibration else [])])
 
 
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    """name=path arguments as {name: path}."""
+    from modelmake.errors import UserError
+
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise UserError(f"{what}: expected name=path, got {item!r}")
+        out[name] = path
+    return out
+
+
+def cmd_label_prompts(a) -> None:
+    from modelmake.router.labels import write_prompts
+
+    datasets = _pairs(a.dataset, "--dataset") if a.dataset else None
+    write_prompts(a.out, datasets=datasets, sources=a.sources or None, fields=json.loads(a.fields), n=a.n,
+                  seed=a.seed)
+
+
+def cmd_judge_input(a) -> None:
+    from modelmake.router.labels import write_judge_inputs
+
+    g = json.loads(a.grading)
+    write_judge_inputs(a.prompts, _pairs(a.answers, "--answers"), a.out, template=g["prompt"], system=g["system"],
+                       scale=g["scale"])
+
+
+def cmd_judge_retry_input(a) -> None:
+    from modelmake.router.labels import write_retry_inputs
+
+    g = json.loads(a.grading)
+    write_retry_inputs(a.judge_input, a.replies, a.out, retry_prompt=g["retry_prompt"], scale=g["scale"])
+
+
+def cmd_labels(a) -> None:
+    from modelmake.router.labels import collect_grades
+
+    g = json.loads(a.grading)
+    collect_grades(a.prompts, _pairs(a.answers, "--answers"), a.judge_input, a.replies, a.retries, a.out, a.stats,
+                   names=json.loads(a.names), scale=g["scale"], structured=g["structured"],
+                   max_failure_share=g["max_failure_share"], config=json.loads(a.config))
+
+
 def _read_prompts(path: str) -> list[str]:
     """Prompts from a jsonl file with a "prompt" field per line, or plain text lines; "-" is stdin."""
     from modelmake.errors import RecordError
@@ -134,6 +179,44 @@ def add_commands(sub) -> None:
     p.add_argument("--scores", default="{}", help="JSON of router.scores: weak / strong model names, scale, labels")
     p.add_argument("--system", default=None, help="router.system: the instruction of records without messages")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("router-label-prompts", help="router.build_labels: the prompts to answer and grade")
+    p.add_argument("sources", nargs="*", help="prompt records: files, datasets folders or hf:// ids (modelmake.records)")
+    p.add_argument("--dataset", action="append", default=[], help="name=reformatted parquet (repeatable): "
+                   "each conversation's first user turn")
+    p.add_argument("--fields", default="{}", help="JSON {id, prompt: name in the source} (build_labels.prompts.fields)")
+    p.add_argument("--n", type=lambda s: None if s in ("", "null", "None") else int(s), default=None,
+                   help="a seeded sample of this many prompts (null: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_label_prompts)
+
+    p = sub.add_parser("router-judge-input", help="router.build_labels: a judge conversation per answer")
+    p.add_argument("prompts")
+    p.add_argument("--answers", nargs="+", required=True, help="weak=answers.jsonl strong=answers.jsonl")
+    p.add_argument("--grading", required=True, help="JSON {prompt, system, scale} of build_labels.grading")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_judge_input)
+
+    p = sub.add_parser("router-judge-retry-input", help="router.build_labels: the judge conversations to retry")
+    p.add_argument("judge_input")
+    p.add_argument("--replies", required=True)
+    p.add_argument("--grading", required=True, help="JSON {retry_prompt, scale} of build_labels.grading")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_judge_retry_input)
+
+    p = sub.add_parser("router-labels", help="router.build_labels: the judge's grades -> scored prompts")
+    p.add_argument("prompts")
+    p.add_argument("--answers", nargs="+", required=True, help="weak=answers.jsonl strong=answers.jsonl")
+    p.add_argument("--judge-input", required=True)
+    p.add_argument("--replies", required=True)
+    p.add_argument("--retries", required=True)
+    p.add_argument("--names", required=True, help='JSON {"weak": role, "strong": role}: the scores\' names')
+    p.add_argument("--grading", required=True, help="JSON {scale, structured, max_failure_share}")
+    p.add_argument("--config", default="{}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--stats", required=True)
+    p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser("router-train", help="SFT a router (TRL; DeepSpeed ZeRO-3 when --scale names a config)")
     p.add_argument("--train", required=True)
