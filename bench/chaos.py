@@ -116,7 +116,8 @@ def make_workdir(wd: Path, lines: int, steps: int, max_tokens: int) -> dict[str,
     cfg["pseudo_labels"].update(concurrency=4, max_failure_share=0.0)
     cfg["datasets"], ids = {}, {}
     for name in DATASETS:
-        raw = (REPO / f"resources/demo/{name}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+        demo_file = REPO / f"resources/demo/{name}.jsonl"
+        raw = demo_file.read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
         dst = wd / "raw" / f"{name}.jsonl"
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text("".join(raw), encoding="utf-8")
@@ -403,8 +404,8 @@ def main() -> int:
             runs += 1
             t = time.monotonic()
             rc = chaos.run(n, a.run_timeout)
-            print(f"run {n}: exit {rc} after {time.monotonic() - t:.0f} s, {journalled(wd)} records journalled",
-                  flush=True)
+            print(f"run {n}: exit {rc} after {time.monotonic() - t:.0f} s, "
+                  f"{journalled(wd)} records journalled", flush=True)
             if rc == 0:
                 done = True
                 break
@@ -436,7 +437,8 @@ def main() -> int:
     if not a.keep:
         subprocess.run(["rm", "-rf", str(wd)], check=False)
     else:
-        print(f"kept {wd}" + ("" if why_no_disk else f" (results/ is a tmpfs: umount {results(wd)} when done)"))
+        tmpfs = "" if why_no_disk else f" (results/ is a tmpfs: umount {results(wd)} when done)"
+        print(f"kept {wd}{tmpfs}", flush=True)
     return 0 if done and not (missing or dups or orphans or unfired) else 1
 
 
