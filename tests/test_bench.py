@@ -135,5 +135,6 @@ def test_chaos_run_loses_duplicates_and_leaves_nothing(run_smoke):
     assert figures["done"] and figures["reruns"] <= 6, out
     assert not figures["events_not_fired"], out
     assert (figures["lost"], figures["duplicated"], figures["orphans"]) == (0, 0, 0), out
-    if os.geteuid() == 0:  # mount -t tmpfs needs root
+    # mount -t tmpfs needs root and a container that allows mounts; where it cannot, the run says so
+    if os.geteuid() == 0 and "fill_disk left out" not in out:
         assert figures["disk_full"], out
