@@ -12,16 +12,14 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import REPO, Started, run_snakemake, small_config, wait_until, write_config
+from conftest import REPO, WORKFLOW_ASSETS, Started, run_snakemake, small_config, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
 
 def arena_config(workdir):
     """The demo config, small: short asset fits, few prompts and steps, absolute resource paths."""
-    c = small_config(workdir)
-    for name in ("tiny-llama", "tiny-llama-b"):
-        c["assets"]["models"][name]["steps"] = 30
+    c = small_config(workdir, **WORKFLOW_ASSETS)
     a = c["arena"]
     a["labelled"] = [str(REPO / p) for p in a["labelled"]]
     a["unlabelled"] = [str(REPO / p) for p in a["unlabelled"]]
@@ -36,9 +34,11 @@ def arena_config(workdir):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, demo_assets):
     wd = tmp_path_factory.mktemp("arena")
-    write_config(wd, arena_config(wd))
+    cfg = arena_config(wd)
+    write_config(wd, cfg)
+    demo_assets.seed(wd, cfg)  # the tokenizer and both bases, built once per session
     res = wd / "results/arena/demo"
 
     # a killed stage: stop the run once stage 1 of arena_a has a complete checkpoint

@@ -102,11 +102,12 @@ def session_processes(session: int, needle: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, demo_assets):
     """A workflow folder whose first run was killed mid-shard (kill -9) and then rerun to the end."""
     wd = tmp_path_factory.mktemp("pl")
     cfg = pl_config(wd, **{"pseudo_labels.concurrency": 2})
     write_config(wd, cfg)
+    demo_assets.seed(wd, cfg)  # the teacher fitted on these 60-line corpora, built once per session
     run = Started(wd)
     journal = wd / "results/pseudo_labels/chat_en/teacher/part0/.journal/shard0.jsonl"
     try:
