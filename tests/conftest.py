@@ -125,8 +125,9 @@ def wait_until(predicate, timeout: float, poll: float = 0.2, what: str = "condit
 
 # Asset settings that workflow tests share (dotted keys for small_config), so that the session builds
 # them once: the demo's models fitted briefly, enough to answer in-domain without having memorised
-# the demo answers (self-play samples its own answers from tiny-llama). Used by the arena and
-# self-play tests; a test with other asset settings gets its own build, also once per session.
+# the demo answers (self-play samples its own answers from tiny-llama). Used by the arena, self-play
+# and pseudo-label tests (the last fit on their own 60-line corpora: a build of their own); a test
+# with other asset settings also gets its own build, once per session.
 WORKFLOW_ASSETS = {"assets.models.tiny-llama.steps": 50, "assets.models.tiny-llama-b.steps": 30}
 
 

@@ -19,7 +19,7 @@ import pytest
 from test_workflow_dry import jobs_planned
 
 from conftest import (
-    REPO, Started, pid_alive, run_snakemake, small_config, wait_until, write_config,
+    REPO, WORKFLOW_ASSETS, Started, pid_alive, run_snakemake, small_config, wait_until, write_config,
 )
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ OTHER_PIPELINES = ("router", "selfplay", "arena", "distill")
 
 def pl_config(workdir: Path, **overrides) -> dict:
     """The demo config for the pseudo-label pipeline only (the other pipelines' sections left out)."""
-    cfg = small_config(workdir, **overrides)
+    cfg = small_config(workdir, **{**WORKFLOW_ASSETS, **overrides})  # the teacher: the tests' short fit
     for name in OTHER_PIPELINES:
         cfg.pop(name, None)
     cfg["models"] = {"teacher": cfg["models"]["teacher"]}  # and their model roles
