@@ -7,6 +7,7 @@ Layout under ``root`` (the workflow's, so ``build_chat`` names its sources as th
     data/<dataset>/reformatted/train.parquet   reformatted demo chat corpora
     assets/tokenizer                            the demo tokenizer (BPE, chat template)
     assets/models/<name>                        a tiny Llama fitted for a few steps
+    router/, arena/, selfplay/, distill/        each pipeline's small training inputs
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def distill_data(root: Path, teacher: Path, max_len: int, max_rows: int) -> list
     return [train]
 
 
-def distill_student(root: Path, teacher: Path, rwkv_layers: list[int]) -> Path:
-    """The hybrid student initialised from ``teacher`` (what ``modelmake distill-init`` writes)."""
+def distill_student(root: Path, teacher: Path, rwkv_layers: list[int], use_fla: bool = False) -> Path:
+    """The hybrid student initialised from ``teacher`` (what ``modelmake distill-init`` writes);
+    ``use_fla``: its time-mix layers take flash-linear-attention's kernels on a GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from modelmake.distill.hybrid import from_teacher
@@ -97,7 +99,42 @@ def distill_student(root: Path, teacher: Path, rwkv_layers: list[int]) -> Path:
     out = root / "distill" / "student"
     if not out.exists():
         seed_everything(0)
-        student = from_teacher(AutoModelForCausalLM.from_pretrained(teacher), rwkv_layers)
-        save_model_folder(out, student, AutoTokenizer.from_pretrained(teacher),
-                          config={"rwkv_layers": rwkv_layers, "seed": 0}, inputs=[teacher])
+        student = from_teacher(AutoModelForCausalLM.from_pretrained(teacher), rwkv_layers, use_fla=use_fla)
+        save_model_folder(out, student, AutoTokenizer.from_pretrained(teacher), inputs=[teacher],
+                          config={"rwkv_layers": rwkv_layers, "use_fla": use_fla, "seed": 0})
+    return out
+
+
+def arena_labelled(root: Path) -> Path:
+    """The demo's labelled arena pairs with their folds (what ``modelmake arena-data`` writes)."""
+    from modelmake.arena.data import prepare
+
+    out = root / "arena" / "labelled.parquet"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prepare([str(REPO / "resources/demo/arena/labelled.jsonl")], out, labelled=True, folds=5, config={})
+    return out
+
+
+def kto_data(root: Path, n_ids: int) -> Path:
+    """Self-play's KTO parquet from the demo chat corpora: for each of ``n_ids`` conversations its first
+    user turn as the prompt, its own answer (label true) and the next conversation's answer (label
+    false, a stand-in for a generated one), the two next to each other as ``selfplay.data.to_kto`` keeps
+    them."""
+    import pandas as pd
+
+    out = root / "selfplay" / "kto.parquet"
+    if not out.exists():
+        convs = [list(m) for p in corpora(root) for m in pd.read_parquet(p, columns=["messages"])["messages"]]
+        turns = [(next(m for m in c if m["role"] == "user"), next(m for m in c if m["role"] == "assistant"))
+                 for c in convs if {m["role"] for m in c} >= {"user", "assistant"}]
+        rows = []
+        for i in range(min(n_ids, len(turns) - 1)):
+            prompt = [{"role": "user", "content": turns[i][0]["content"]}]
+            for label, answer in ((True, turns[i][1]), (False, turns[i + 1][1])):
+                rows.append({"id": str(i), "prompt": prompt, "label": label,
+                             "completion": [{"role": "assistant", "content": answer["content"]}],
+                             "source": "real" if label else "generated"})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_parquet(out)
     return out

@@ -18,13 +18,16 @@ wildcard_constraints:
 rule arena_prepare:
     """Check the pairwise records and write them as parquet; labelled pairs get a fold by id hash."""
     input:
-        labelled=AR["labelled"],
-        unlabelled=AR["unlabelled"],
+        labelled=local_sources(AR["labelled"]),
+        unlabelled=local_sources(AR["unlabelled"]),
     output:
         labelled=arena_path("data", "labelled.parquet"),
         unlabelled=arena_path("data", "unlabelled.parquet"),
     params:
-        config=as_json({"folds": AR["folds"]}),
+        labelled=record_sources(AR["labelled"], "labelled"),
+        unlabelled=record_sources(AR["unlabelled"], "unlabelled"),
+        fields=as_json(AR["fields"]),
+        config=as_json({"folds": AR["folds"], "fields": AR["fields"]}),
     log:
         log_path("arena", "prepare.log"),
     threads: job_threads("data")
@@ -33,18 +36,21 @@ rule arena_prepare:
     conda:
         "../envs/train.yaml"
     shell:
-        "(python -m modelmake arena-prepare {input.labelled:q} --labelled --out {output.labelled:q} "
-        "--config {params.config:q} && python -m modelmake arena-prepare {input.unlabelled:q} "
-        "--out {output.unlabelled:q} --config {params.config:q}) > {log:q} 2>&1"
+        "(python -m modelmake arena-prepare {params.labelled:q} --labelled --out {output.labelled:q} "
+        "--config {params.config:q} --fields {params.fields:q} && python -m modelmake arena-prepare "
+        "{params.unlabelled:q} --out {output.unlabelled:q} --config {params.config:q} --fields {params.fields:q}"
+        ") > {log:q} 2>&1"
 
 
 rule arena_sample_prompts:
     """Sample the prompts the generators answer, as {id, messages: [user, assistant placeholder]}."""
     input:
-        AR["response_pairs"]["prompt_pool"],
+        local_sources([AR["response_pairs"]["prompt_pool"]]),
     output:
         arena_path("pairs", "prompts.jsonl"),
     params:
+        pool=record_sources([AR["response_pairs"]["prompt_pool"]]),
+        fields=as_json(AR["response_pairs"]["fields"]),
         n=AR["response_pairs"]["prompts"],
         seed=config["seed"],
     log:
@@ -55,8 +61,8 @@ rule arena_sample_prompts:
     conda:
         "../envs/train.yaml"
     shell:
-        "python -m modelmake arena-sample-prompts {input:q} --n {params.n} --seed {params.seed} "
-        "--out {output:q} > {log:q} 2>&1"
+        "python -m modelmake arena-sample-prompts {params.pool:q} --fields {params.fields:q} --n {params.n} "
+        "--seed {params.seed} --out {output:q} > {log:q} 2>&1"
 
 
 use rule generate from generation as arena_generate with:

@@ -13,6 +13,7 @@ from snakemake.exceptions import WorkflowError  # noqa: E402
 from modelmake.config import PIPELINES, role_serve, validate  # noqa: E402
 from modelmake.errors import ConfigError  # noqa: E402
 from modelmake.launch import launch_command, scale_resources, world_size  # noqa: E402
+from modelmake.records import is_hub  # noqa: E402
 
 try:
     config = validate(config)
@@ -84,6 +85,26 @@ def model_source(role):
 def as_json(obj):
     """A config slice as compact JSON, to pass to the CLI quoted ({params.x:q})."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def local_sources(sources):
+    """The sources of users' records (modelmake.records) that are files or folders: a rule's inputs.
+    A hub dataset id (hf://...) is no path; the job reads it itself (record_sources)."""
+    return [s for s in sources if not is_hub(s)]
+
+
+def record_sources(sources, key=None):
+    """A param of every source in its order: each file or folder as the rule's input (``key``: the
+    named input) gives it, where the job sees it, and each hub id as it is. ``sources``: a list or
+    a function of the wildcards."""
+
+    def param(wildcards, input):
+        files = input if key is None else getattr(input, key)
+        files = iter([files] if isinstance(files, str) else files)
+        given = sources(wildcards) if callable(sources) else sources
+        return [s if is_hub(s) else next(files) for s in given]
+
+    return param
 
 
 def asset_corpora():

@@ -35,7 +35,7 @@ rule distill_chat_data:
 rule distill_web_data:
     """Interleave the web text by language and pack it into max_len rows."""
     input:
-        web=distill_web_files(),
+        web=local_sources(distill_web_files()),
         model=model_inputs(DI["teacher"]),
     output:
         train=distill_path("data", "web", "train.parquet"),
@@ -44,7 +44,7 @@ rule distill_web_data:
         tokenizer=lambda w: model_dir(DI["teacher"]),
         files=as_json(DI["web"]["files"]),
         settings=as_json({"max_len": DI["max_len"], "eval_rows": DI["eval_rows"], "seed": config["seed"],
-                          "pack": DI["web"]["pack"]}),
+                          "pack": DI["web"]["pack"], "text_field": DI["web"]["text_field"]}),
     log:
         log_path("distill", DI["name"], "web_data.log"),
     threads: job_threads("data")

@@ -12,18 +12,20 @@ TARGETS += router_targets()
 rule router_data:
     """Validate the scored prompts, take the seeded subsample and cut train / calib / test."""
     input:
-        ROUTER["data"],
+        local_sources(ROUTER["data"]),
     output:
         train=router_path("data", "train.parquet"),
         calib=router_path("data", "calib.parquet"),
         test=router_path("data", "test.parquet"),
         stats=router_path("data", "stats.json"),
     params:
+        sources=record_sources(ROUTER["data"]),
+        fields=as_json(ROUTER["fields"]),
         n_sample=ROUTER["n_sample"] if ROUTER["n_sample"] is not None else "null",
         calib=ROUTER["split"]["calib"],
         test=ROUTER["split"]["test"],
         seed=config["seed"],
-        config=as_json({k: ROUTER[k] for k in ("data", "n_sample", "split")}),
+        config=as_json({k: ROUTER[k] for k in ("data", "fields", "n_sample", "split")}),
     log:
         log_path("router", ROUTER["run"], "data.log"),
     threads: job_threads("data")
@@ -32,8 +34,8 @@ rule router_data:
     conda:
         "../envs/train.yaml"
     shell:
-        "python -m modelmake router-data {input:q} --train {output.train:q} --calib {output.calib:q} "
-        "--test {output.test:q} --stats {output.stats:q} --n-sample {params.n_sample:q} "
+        "python -m modelmake router-data {params.sources:q} --fields {params.fields:q} --train {output.train:q} "
+        "--calib {output.calib:q} --test {output.test:q} --stats {output.stats:q} --n-sample {params.n_sample:q} "
         "--calib-share {params.calib:q} --test-share {params.test:q} --seed {params.seed:q} "
         "--config {params.config:q} > {log:q} 2>&1"
 

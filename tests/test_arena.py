@@ -128,6 +128,29 @@ def test_bad_record_is_reported_with_file_and_line(tmp_path):
         read_pairs([p], labelled=True)
 
 
+def test_pairs_and_prompts_from_csv_and_parquet_with_their_own_field_names(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from modelmake.arena.pairs import sample_prompts
+
+    src = tmp_path / "pairs.csv"
+    src.write_text("\ufeffid,prompt,answer_1,answer_2,winner,lang\r\nx,p,a,b,model_a,en\r\ny,q,c,d,model_b,zh\r\n")
+    fields = {"response_a": "answer_1", "response_b": "answer_2", "language": "lang"}
+    assert read_pairs([src], labelled=True, fields=fields) == [
+        {"id": "x", "prompt": "p", "response_a": "a", "response_b": "b", "language": "en", "winner": "model_a"},
+        {"id": "y", "prompt": "q", "response_a": "c", "response_b": "d", "language": "zh", "winner": "model_b"}]
+    with pytest.raises(RecordError, match=r"pairs\.csv:row 1: no field 'response_a'.*arena\.fields\.response_a"):
+        read_pairs([src], labelled=True)
+
+    pool = tmp_path / "pool.parquet"
+    pq.write_table(pa.Table.from_pylist([{"qid": f"q{i}", "question": f"prompt {i}", "language": "en"}
+                                         for i in range(5)]), pool)
+    sample_prompts(str(pool), 2, 0, str(tmp_path / "prompts.jsonl"), fields={"id": "qid", "prompt": "question"})
+    picked = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    assert len(picked) == 2 and all(r["messages"][0]["content"].startswith("prompt ") for r in picked)
+
+
 def test_folds_are_stable_per_id(tmp_path):
     src = REPO / "resources/demo/arena/labelled.jsonl"
     counts = prepare([src], tmp_path / "l.parquet", labelled=True, folds=5, config={})

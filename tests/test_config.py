@@ -96,11 +96,34 @@ def test_missing_model_folder_names_the_key_path(config):
 
 
 def test_paths_must_be_of_the_right_kind(config):
-    config["datasets"]["chat_en"]["splits"]["train"] = ["resources/demo"]  # a folder, not a file
+    config["datasets"]["chat_en"]["splits"]["train"] = ["resources/demo"]  # a folder, not a datasets folder
+    config["datasets"]["chat_zh"]["splits"]["train"] = ["README.md"]  # no format modelmake reads
     config["models"]["teacher"] = {"path": "config.yaml"}  # a file, not a model folder
     msg = problems(config)
-    assert "datasets.chat_en.splits.train[0]: file 'resources/demo' does not exist" in msg
+    assert ("datasets.chat_en.splits.train[0]: 'resources/demo' is a folder but not one saved by datasets' "
+            "save_to_disk") in msg
+    assert "datasets.chat_zh.splits.train[0]: 'README.md': unknown format (by its suffix); modelmake reads .csv" in msg
     assert "models.teacher.path: dir 'config.yaml' does not exist" in msg
+
+
+def test_record_sources_may_be_datasets_folders_and_hub_ids_which_are_not_checked(config, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"data": ["q", "a"]}]).save_to_disk(str(tmp_path / "saved"))
+    config["datasets"]["chat_en"]["splits"]["train"] = [str(tmp_path / "saved"), "hf://owner/chat:en@train"]
+    config["datasets"]["chat_en"]["fields"] = {"messages": "conversation"}
+    out = validate(config)
+    assert out["datasets"]["chat_zh"]["fields"] == {}  # the default: today's names
+    assert out["datasets"]["chat_en"]["fields"] == {"messages": "conversation"}
+
+
+def test_field_maps_default_to_the_canonical_names(config):
+    out = validate(config)
+    assert out["router"]["fields"] == {} and out["arena"]["fields"] == {}
+    assert out["arena"]["response_pairs"]["fields"] == {}
+    assert out["distill"]["web"]["text_field"] == "text"
+    config["router"]["fields"] = {"prompt": "question", "score": "x"}
+    assert "router.fields: Additional properties are not allowed ('score' was unexpected)" in problems(config)
 
 
 def test_check_paths_false_skips_the_existence_checks(config):

@@ -328,3 +328,24 @@ def test_fla_fast_path_gives_the_pure_pytorch_outputs():
             tm.use_fla = True
         fast = student(input_ids=ids).logits
     torch.testing.assert_close(fast, slow, atol=2e-3, rtol=2e-3)
+
+
+def test_web_data_reads_c4_json_gz_shards_with_raw_content(tmp_path, tokenizer):
+    """distill.web.text_field: raw_content, the shards as C4 ships them (.json.gz), through build_web."""
+    import gzip
+
+    import pandas as pd
+
+    from modelmake.errors import RecordError
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    shard = tmp_path / "c4-train.00000-of-01024.json.gz"
+    shard.write_bytes(gzip.compress(b"\xef\xbb\xbf" + "".join(
+        json.dumps({"raw_content": f"the moon {i} is far from us", "url": f"u{i}"}) + "\n" for i in range(40)
+    ).encode()))
+    counts = data.build_web({"en": [str(shard)]}, str(tmp_path / "tok"), str(tmp_path / "train.parquet"),
+                            str(tmp_path / "eval.parquet"), max_len=16, eval_rows=2, seed=0, text_field="raw_content")
+    assert counts["texts"] == {"en": 40} and counts["train"] > 0
+    assert len(pd.read_parquet(tmp_path / "train.parquet")) == counts["train"]
+    with pytest.raises(RecordError, match=r"json\.gz:1: no field 'text'.*distill\.web\.text_field"):
+        data.read_web(shard)  # the default field, text, is not there: the message says which key to set

@@ -1,5 +1,5 @@
-"""modelmake.files, the one owner of artifact I/O: users' JSON-lines files (jsonl_objects), atomic
-file and folder writes with unique temporary names, parquet with provenance, figures, digests."""
+"""modelmake.files, the one owner of artifact I/O: atomic file and folder writes with unique
+temporary names, parquet with provenance, figures, digests (users' records: test_records.py)."""
 
 from __future__ import annotations
 
@@ -8,29 +8,10 @@ import json
 
 import pytest
 
-from modelmake.errors import RecordError
 from modelmake.files import (
-    atomic_folder, atomic_open, digest, jsonl_objects, provenance_record, pyplot, read_provenance,
+    atomic_folder, atomic_open, digest, provenance_record, pyplot, read_provenance,
     save_figure, stable_hash, write_parquet, write_provenance,
 )
-
-
-@pytest.mark.parametrize("line, error", [
-    (b"{not json\n", "not JSON"),
-    (b"\xff\xfe\n", "not UTF-8"),
-    (b"[1, 2]\n", "expected a JSON object, got list"),
-])
-def test_a_bad_line_is_named_by_file_and_line(tmp_path, line, error):
-    path = tmp_path / "in.jsonl"
-    path.write_bytes(b'{"id": "a"}\n\n' + line)
-    with pytest.raises(RecordError, match=rf"in\.jsonl:3: {error}"):
-        list(jsonl_objects(path))
-
-
-def test_blank_lines_are_skipped_and_lines_keep_their_numbers(tmp_path):
-    path = tmp_path / "in.jsonl"
-    path.write_text('{"id": "a"}\n\n  \n{"id": "b"}\n', encoding="utf-8")
-    assert [(w.rsplit(":", 1)[1], o["id"]) for w, o in jsonl_objects(path)] == [("1", "a"), ("4", "b")]
 
 
 # --- atomic writes with unique temporary names ------------------------------------------------------

@@ -266,3 +266,56 @@ def test_unknown_on_error_value_is_refused(tmp_path):
     with pytest.raises(ValueError, match="on_error"):
         reformat_files([src], tmp_path / "out.parquet", on_error="ignore")
     assert not (tmp_path / "out.parquet").exists()
+
+
+# --- other sources: any shape modelmake.records reads -------------------------------------------
+
+
+def test_a_parquet_chat_file_with_its_own_field_names_is_reformatted(tmp_path):
+    import pyarrow as pa
+
+    src = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"conversation_id": "p1", "conversation": [{"role": "user", "content": "q"},
+                                                   {"role": "assistant", "content": "a"}]},
+        {"conversation_id": "p2", "conversation": [{"role": "assistant", "content": "first"}]},
+        {"conversation_id": "p3", "conversation": [{"role": "user", "content": "q3"},
+                                                   {"role": "assistant", "content": "a3"}]},
+    ]), src)
+    out, rejects = tmp_path / "out.parquet", tmp_path / "rejects.jsonl"
+
+    stats = reformat_files([src], out, on_error="skip", rejects=rejects,
+                           fields={"id": "conversation_id", "messages": "conversation"})
+
+    assert [r["id"] for r in read_rows(out)] == ["p1", "p3"]
+    assert read_rows(out)[0]["messages"] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    (reject,) = read_jsonl(rejects)
+    assert (reject["file"], reject["row"], reject["kind"]) == (str(src), 2, "turns out of order")
+    assert json.loads(reject["raw"])["conversation_id"] == "p2"
+    assert (stats.read, stats.written, stats.rejected) == (3, 2, 1)
+    with pytest.raises(RecordError, match=re.escape(f"{src}:row 2: turn 0 is 'assistant'")):
+        reformat_files([src], out, fields={"id": "conversation_id", "messages": "conversation"})
+
+
+def test_a_jsonl_with_a_byte_order_mark_is_read_from_line_1(tmp_path):
+    src = write_lines(tmp_path / "bom.jsonl", [b"\xef\xbb\xbf" + GOOD_1, b"\xef\xbb\xbf{oops\n", GOOD_4])
+    out, rejects = tmp_path / "out.parquet", tmp_path / "rejects.jsonl"
+    stats = reformat_files([src], out, on_error="skip", rejects=rejects)
+    assert [r["id"] for r in read_rows(out)] == ["g1", "g4"]  # line 1 is a record, not bad JSON
+    assert [(r["line"], r["kind"]) for r in read_jsonl(rejects)] == [(2, "bad JSON")]  # a BOM only opens a file
+    assert stats.read == 3
+
+
+def test_gzip_json_lines_and_a_table_null_column_reformat_alike(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+
+    gz = tmp_path / "chat.jsonl.gz"
+    gz.write_bytes(gzip.compress(GOOD_1 + GOOD_4))
+    table = tmp_path / "chat.parquet"  # a table has every column in every row: null is absent
+    pq.write_table(pa.Table.from_pylist([{"id": "t1", "data": None, "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]), table)
+    out = tmp_path / "out.parquet"
+    reformat_files([gz, table], out)
+    assert [r["id"] for r in read_rows(out)] == ["g1", "g4", "t1"]

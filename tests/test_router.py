@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -93,7 +94,7 @@ def test_demo_prompts_validate_and_every_label_occurs():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("{not json", "not JSON"),
+    ("{not json", "bad JSON"),
     ({"prompt": "q", "messages": [{"role": "user", "content": "[Question]\nq\n\nPrediction:\n"}]}, "messages"),
     (dict(record(9), messages=conversation("q", 3)[:2] + [{"role": "assistant", "content": "4"}]), "[[1]]..[[5]]"),
     (dict(record(9), weak_score="high"), "weak_score"),
@@ -355,3 +356,18 @@ def test_config_errors_name_the_router_key(tmp_path):
     write_config(tmp_path, small_config(tmp_path, **{"router.base": "nope", "router.split": {"calib": 0.5, "test": 0.5}}))
     out = run_snakemake(tmp_path, "-n", check=False).stdout
     assert "router.base: 'nope' is not a key of models" in out and "router.split: calib + test" in out
+
+
+def test_scored_prompts_in_parquet_with_other_field_names(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": r["prompt"], "messages": r["messages"], "score_8b": r["weak_score"], "score_70b": "5"}
+            for r in map(json.loads, DEMO.read_text().splitlines()[:5])]
+    src = tmp_path / "scored.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    recs = read_scored([src], {"prompt": "question", "weak_score": "score_8b", "strong_score": "score_70b"})
+    assert [r["prompt"] for r in recs] == [r["question"] for r in rows]
+    assert [r["strong_score"] for r in recs] == [5.0] * 5  # a number written as text (CSV) is a number
+    with pytest.raises(RecordError, match=re.escape(f"{src}:row 1: no field 'prompt'") + ".*router.fields.prompt"):
+        read_scored([src])

@@ -2,7 +2,7 @@
 once, then resumed) -> consolidation -> scores -> calibration -> evaluation, then reruns.
 
 The base model is a tiny random Llama given by path (so no demo asset is built); the data are the
-first 240 demo prompts.
+1000 demo prompts: 600 to train on, 150 to calibrate, 250 to evaluate routing.
 """
 
 from __future__ import annotations
@@ -31,13 +31,16 @@ def targets(workdir) -> list[str]:
 def router_config(workdir, base, **overrides):
     raw = workdir / "raw" / "scored.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:240]))
+    raw.write_text(DEMO.read_text())
     cfg = small_config(workdir)
     cfg["models"]["router_base"] = {"path": str(base)}
     r = cfg["router"]
-    r.update(run="t", data=[str(raw)], n_sample=200)
+    # A random tiny base learns routing only from enough records and steps: with 120 training records
+    # and 30 steps (the old config) it learnt the answer format and the label prior, then stopped
+    # (APGR 0.503, label accuracy below the majority's); 600 records, 152 steps at lr 0.02 learn it.
+    r.update(run="t", data=[str(raw)], n_sample=1000, split={"calib": 0.15, "test": 0.25})
     r["scale"]["deepspeed"] = str(REPO / "config/router/zero3.json")
-    r["train"].update(epochs=2, batch_size=8, lr=0.01, max_length=512, save_steps=2, logging_steps=1)
+    r["train"].update(epochs=4, batch_size=16, lr=0.02, max_length=512, save_steps=20, logging_steps=10)
     for k, v in overrides.items():
         node = cfg
         *parents, last = k.split(".")
@@ -73,7 +76,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(built):
     assert f"resuming from {workdir / 'results/router/t/ckpt'}/checkpoint-" in log
     metrics = json.loads((workdir / "results/router/t/zero3/metrics.json").read_text())
     assert metrics["resumed_from"] and int(metrics["resumed_from"].rsplit("-", 1)[1]) >= killed_at[0]
-    assert metrics["steps"] == 2 * 15  # 120 train records / 8 per step x 2 epochs: nothing lost or repeated
+    assert metrics["steps"] == 4 * 38  # 600 train records / 16 per step x 4 epochs: nothing lost or repeated
 
 
 def test_the_demo_outputs_metrics_curve_and_a_loadable_consolidated_model(built):
@@ -87,17 +90,27 @@ def test_the_demo_outputs_metrics_curve_and_a_loadable_consolidated_model(built)
     for method in ("router", "random", "optimal"):
         assert {"APGR", "CPT(50%)", "CPT(80%)", "curve"} <= set(m["methods"][method])
     assert m["methods"]["random"]["APGR"] == pytest.approx(0.5)
-    # the router learnt its answer format and the scores' distribution: held-out loss of the tiny
-    # random base is ~ln(vocab) = 6 untrained. (Its APGR is not asserted: measured 0.503 here,
-    # random 0.5 +- 0.022 on these 50 prompts, optimal 0.651; this config is too small to learn routing.)
-    assert read_json(res / "zero3/metrics.json")["eval_loss"] < 2.0  # measured 1.27 (lr 1e-12: 5.96)
-    assert m["prompts"] == 50 and [r["strong_share"] for r in m["calibrated"]] == [0.2, 0.5, 0.8]
+    # the router learnt its answer format: the tiny random base's held-out loss is ~ln(vocab) = 6
+    assert read_json(res / "zero3/metrics.json")["eval_loss"] < 2.0  # measured 0.60 (lr 1e-12: 5.96)
+    assert m["prompts"] == 250 and [r["strong_share"] for r in m["calibrated"]] == [0.2, 0.5, 0.8]
     assert (res / "eval/curve.png").read_bytes().startswith(b"\x89PNG")
     cal = read_json(res / "route/calibration.json")
     assert [r["reference_strong_share"] for r in cal["thresholds"]] == pytest.approx([0.2, 0.5, 0.8], abs=0.05)
     assert read_json(res / "model/provenance.json")["counts"]["verified_against_digest"] is True
     assert (res / "model/manifest.json").is_file() and (res / "model/router.json").is_file()
     AutoModelForCausalLM.from_pretrained(res / "model")
+
+
+def test_the_router_routes_better_than_a_random_router(built):
+    """APGR on the 250 held-out prompts: a random router 0.5 (sd 0.014 over random orders of these
+    prompts), the optimal one 0.695, one that knew each prompt's topic 0.628. Measured 0.620 here
+    (label accuracy 0.46, majority class 0.28); the same config trained in-process with seeds 0..6:
+    0.580 .. 0.628 (lr 1e-12: 0.462)."""
+    from modelmake.files import read_json
+
+    workdir, _, _ = built
+    m = read_json(workdir / "results/router/t/eval/metrics.json")
+    assert m["methods"]["router"]["APGR"] > 0.55
 
 
 def test_route_cli_sends_each_prompt_to_strong_or_weak(built):

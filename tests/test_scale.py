@@ -114,6 +114,33 @@ def test_unknown_scale_keys_are_refused_with_the_allowed_ones():
                                                           "target_modules": "all-linear"}
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_trains_the_added_tokens_rows_of_the_input_and_the_output_embeddings(tied):
+    """The router's label tokens start random: with LoRA their rows must train in the lm_head too,
+    also where the model does not tie it to the input embeddings (peft's default: input rows only)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modelmake.launch import apply_lora, merged
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg)
+    before_in = model.get_input_embeddings().weight.detach().clone()
+    before_out = model.get_output_embeddings().weight.detach().clone()
+    peft_model = apply_lora(model, {"r": 4, "alpha": 8}, trainable_tokens=[45, 46])
+    ids = torch.randint(0, 40, (2, 8))
+    ids[:, 2] = 45  # the added tokens in the input (their input rows get a gradient) and as targets
+    labels = torch.where(torch.arange(8) % 2 == 0, 45, 46).expand(2, 8)
+    peft_model(input_ids=ids, labels=labels).loss.backward()
+    torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0).step()
+    plain = merged(peft_model)
+    changed = lambda after, before: (after - before).abs().sum(1).nonzero().flatten().tolist()  # noqa: E731
+    assert changed(plain.get_output_embeddings().weight, before_out) == [45, 46]
+    assert 45 in changed(plain.get_input_embeddings().weight, before_in)
+
+
 def test_the_slurm_plugin_submits_a_multi_node_job_with_gpus_per_node_and_one_task_per_node():
     """What snakemake-executor-plugin-slurm's sbatch line (and its jobstep's call) make of the resources."""
     from types import SimpleNamespace

@@ -120,6 +120,33 @@ def test_missing_input_file_is_reported_with_key_path(tmp_path):
     assert "datasets.chat_zh.splits.train[0]: file" in proc.stdout and "does not exist" in proc.stdout
 
 
+def test_record_sources_reach_their_jobs_folders_as_inputs_hub_ids_as_arguments(tmp_path):
+    """A datasets folder is an input of reformat; a hub id is no file, so no input, but each job gets
+    every source in order, with its field map."""
+    import datasets
+
+    datasets.Dataset.from_list([{"data": ["q", "a"]}]).save_to_disk(str(tmp_path / "saved"))
+    c = small_config(tmp_path)
+    demo_en = c["datasets"]["chat_en"]["splits"]["train"][0]
+    c["datasets"]["chat_en"]["splits"]["train"] = ["hf://owner/chat:en@train", str(tmp_path / "saved"), demo_en]
+    c["datasets"]["chat_en"]["fields"] = {"messages": "conversation"}
+    c["arena"]["labelled"] = ["hf://owner/pairs@train"]
+    c["arena"]["response_pairs"]["prompt_pool"] = "hf://owner/prompts@train"
+    c["router"]["data"] = ["hf://owner/scored@train"]
+    c["distill"]["web"]["files"]["en"] = ["hf://allenai/c4:en@validation"]
+    c["distill"]["web"]["text_field"] = "raw_content"
+    write_config(tmp_path, c)
+    out = run_snakemake(tmp_path, "-n", "-p").stdout
+    commands = [line for line in out.splitlines() if "python -m modelmake" in line]
+    (reformat,) = [x for x in commands if " reformat " in x and "chat_en/reformatted/train" in x]
+    assert f"reformat hf://owner/chat:en@train {tmp_path / 'saved'} {demo_en} --fields " in reformat
+    assert """--fields '{"messages":"conversation"}'""" in reformat
+    assert any("arena-prepare hf://owner/pairs@train --labelled" in x for x in commands)
+    assert any("arena-sample-prompts hf://owner/prompts@train --fields '{}'" in x for x in commands)
+    assert any("router-data hf://owner/scored@train --fields '{}'" in x for x in commands)
+    assert any("distill-web-data" in x and '"text_field":"raw_content"' in x for x in commands)
+
+
 def test_shipped_configs_validate():
     from modelmake.config import validate
 

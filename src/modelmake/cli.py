@@ -32,7 +32,8 @@ def cmd_check_config(a) -> None:
 def cmd_reformat(a) -> None:
     from modelmake.reformat import reformat_files
 
-    s = reformat_files(a.inputs, a.out, on_error=a.on_error, rejects=a.rejects, stats_path=a.stats)
+    s = reformat_files(a.inputs, a.out, on_error=a.on_error, rejects=a.rejects, stats_path=a.stats,
+                       fields=json.loads(a.fields))
     logging.info("reformat: read %d, wrote %d, rejected %d %s", s.read, s.written, s.rejected, s.reasons or "")
 
 
@@ -85,12 +86,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("reformat", help="raw chat jsonl -> {id, messages} parquet")
-    p.add_argument("inputs", nargs="+")
+    p = sub.add_parser("reformat", help="raw chat records (any format modelmake reads) -> {id, messages} parquet")
+    p.add_argument("inputs", nargs="+", help="files, datasets folders or hf:// ids (modelmake.records)")
     p.add_argument("--out", required=True)
     p.add_argument("--on-error", choices=["fail", "skip"], default=default("reformat.on_error"))
     p.add_argument("--rejects")
     p.add_argument("--stats")
+    p.add_argument("--fields", default="{}", help="JSON {canonical name: name in the source} (datasets.<name>.fields)")
     p.set_defaults(func=cmd_reformat)
 
     p = sub.add_parser("build-tokenizer", help="train the demo BPE tokenizer")

@@ -2,7 +2,8 @@
 
 Errors name the key path (``serve.max_model_len``), what was found and what is expected, and are
 raised as :class:`ConfigError` before any job runs. Paths marked ``x-path`` in the schema must
-exist (relative to the working directory).
+exist (relative to the working directory); ``x-path: source`` values, users' records, must be
+sources :mod:`modelmake.records` reads (a hub id is not checked: that needs the hub).
 """
 
 from __future__ import annotations
@@ -226,7 +227,14 @@ def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool =
         problems.append(f"{key_path(at)}: set by {source}; remove it here")
     problems += _cross_checks(config)
     if check_paths:
+        from modelmake.records import source_problem
+
         for at, p, kind, _ in _annotated(schema, config, schema, "x-path"):
+            if kind == "source":  # users' records: a file of a known format, a datasets folder, a hub id
+                problem = source_problem(p)
+                if problem:
+                    problems.append(f"{key_path(at)}: {problem}")
+                continue
             path = Path(p)
             if not (path.is_file() if kind == "file" else path.is_dir()):
                 problems.append(f"{key_path(at)}: {kind} {p!r} does not exist (relative to {Path.cwd()})")

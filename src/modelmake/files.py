@@ -119,36 +119,10 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines file written by modelmake (trusted; user input goes through reformat)."""
+    """Read a JSON-lines file written by modelmake (trusted; users' records go through
+    :func:`modelmake.records.read_records`)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """``(file:line, object)`` of every non-blank line of a user's JSON-lines file.
-
-    A line that is not UTF-8, not JSON or not a JSON object raises :class:`RecordError` naming its
-    file:line; checking the fields is the caller's (it has the ``file:line`` to report them with).
-    """
-    from modelmake.errors import RecordError
-
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise RecordError(f"bad record in {where}: not UTF-8 ({e.reason} at byte {e.start}). "
-                                  "Fix the line.") from None
-            except json.JSONDecodeError as e:
-                raise RecordError(f"bad record in {where}: not JSON ({e.msg}, column {e.colno}). "
-                                  "Fix the line.") from None
-            if not isinstance(obj, dict):
-                raise RecordError(f"bad record in {where}: expected a JSON object, got {type(obj).__name__}. "
-                                  "Fix the line.")
-            yield where, obj
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -205,6 +179,13 @@ def code_version() -> str:
         return __version__
 
 
+def _input_digest(path: str | os.PathLike) -> str:
+    """sha256_tree of an input; a hub dataset id (modelmake.records) is not a path and is not hashed."""
+    from modelmake.records import is_hub
+
+    return "hub dataset: not hashed" if is_hub(path) else sha256_tree(path)
+
+
 def provenance_record(
     *,
     config: Any,
@@ -216,7 +197,7 @@ def provenance_record(
     return {
         "code_version": code_version(),
         "config": config,
-        "inputs": {str(p): sha256_tree(p) for p in inputs},
+        "inputs": {str(p): _input_digest(p) for p in inputs},
         "counts": counts or {},
         "wall_seconds": round(time.time() - started, 3) if started else None,
     }

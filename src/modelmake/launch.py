@@ -266,20 +266,33 @@ def apply_lora(model: Any, lora: dict | None, *, task_type: str = "CAUSAL_LM",
 
     ``task_type`` ``SEQ_CLS`` also trains the classification head in full (peft's
     ``modules_to_save``); ``trainable_tokens``: embedding rows trained in full (tokens the pipeline
-    added, e.g. the router's label tokens, whose rows start random).
+    added, e.g. the router's label tokens, whose rows start random), in the input embeddings and,
+    when the model does not tie them, in the output embeddings too (peft's default trains the input
+    rows only: an untied model's lm_head rows of the tokens would stay at their initial values).
     """
     if not lora:
         return model
     from peft import LoraConfig, get_peft_model
 
     lora = fill_defaults("$defs.lora", lora)
+    rows = token_rows(model, trainable_tokens) if trainable_tokens else None
     cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                     target_modules=lora["target_modules"], task_type=task_type,
-                     trainable_token_indices=list(trainable_tokens) if trainable_tokens else None)
+                     target_modules=lora["target_modules"], task_type=task_type, trainable_token_indices=rows)
     model = get_peft_model(model, cfg)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d of %d parameters trainable", lora["r"], lora["target_modules"], trainable, total)
     return model
+
+
+def token_rows(model: Any, tokens: list[int]) -> dict[str, list[int]]:
+    """peft's ``trainable_token_indices`` for rows ``tokens`` of the embeddings: {module name: rows}
+    for the input embeddings, and for the output embeddings when they are not tied to the input ones."""
+    names = {id(m): n for n, m in model.named_modules()}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = {names[id(inp)]: list(tokens)}
+    if out is not None and out.weight is not inp.weight:
+        rows[names[id(out)]] = list(tokens)
+    return rows
 
 
 def merged(model: Any) -> Any:

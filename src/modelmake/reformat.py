@@ -1,15 +1,19 @@
-"""Reformat raw chat jsonl into ``{id, messages: [{role, content}]}`` parquet.
+"""Reformat raw chat records into ``{id, messages: [{role, content}]}`` parquet.
 
-Reads, line by line, either shape the original pseudo-label script reads (and the already reformatted one):
+Reads every source :func:`modelmake.records.read_records` reads (JSON lines, plain or compressed, a
+JSON array, parquet, CSV, a ``datasets`` folder, a hub id), record by record, in either shape the
+original pseudo-label script reads (and the already reformatted one):
 
 * UltraChat raw:  ``{"id", "data": [user, assistant, user, ...]}``
 * ShareGPT-like:  ``{"id", "conversations": [{"from": "human"|"gpt"|..., "value"}]}``
 * messages:       ``{"id", "messages": [{"role", "content"}]}``
 
-Every malformed line (bad JSON, invalid UTF-8, missing field, empty conversation, wrong types,
-unknown role, turns out of order, duplicate id) is reported with ``file:line``. With
-``on_error="fail"`` the first one raises :class:`RecordError` before anything is written; with
-``on_error="skip"`` bad lines go to a rejects jsonl and are counted. The parquet's schema
+A source's own names for ``id``, ``data``, ``conversations`` or ``messages`` are mapped by
+``fields`` (``datasets.<name>.fields``). Every malformed record (bad JSON, invalid UTF-8, missing
+field, empty conversation, wrong types, unknown role, turns out of order, duplicate id) is reported
+with ``file:line`` (``file:row N`` for tables). With ``on_error="fail"`` the first one raises
+:class:`RecordError` before anything is written; with ``on_error="skip"`` bad records go to a
+rejects jsonl (``file``, ``line`` or ``row``, ``kind``, ``error``, ``raw``) and are counted. The parquet's schema
 metadata holds its provenance (``on_error``, the raw files' hashes, the counts).
 """
 
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from modelmake.errors import RecordError
 from modelmake.files import atomic_open, digest, dumps, provenance_record, write_json, write_parquet
+from modelmake.records import read_records
 
 ROLE_ALIASES = {
     "user": "user", "human": "user",
@@ -69,7 +74,8 @@ def parse_messages(record) -> list[dict]:
     """The record's conversation as ``[{role, content}]``; raises BadRecord when malformed."""
     if not isinstance(record, dict):
         raise BadRecord("wrong type", f"a record must be a JSON object, got {type(record).__name__}")
-    if "data" in record:
+    present = [k for k in ("data", "conversations", "messages") if record.get(k) is not None]  # a table's null: absent
+    if present and present[0] == "data":
         turns = record["data"]
         if not isinstance(turns, list):
             raise BadRecord("wrong type", f'"data" must be a list of strings, got {type(turns).__name__}')
@@ -78,9 +84,9 @@ def parse_messages(record) -> list[dict]:
              "content": _turn_text(t, f'"data" item at position {i}')}
             for i, t in enumerate(turns)
         ]
-    elif "conversations" in record or "messages" in record:
+    elif present:
         key, role_key, text_key = (
-            ("conversations", "from", "value") if "conversations" in record
+            ("conversations", "from", "value") if present[0] == "conversations"
             else ("messages", "role", "content")
         )
         turns = record[key]
@@ -130,8 +136,11 @@ def reformat_files(
     on_error: str = "fail",
     rejects: str | Path | None = None,
     stats_path: str | Path | None = None,
+    fields: dict[str, str] | None = None,
 ) -> ReformatStats:
-    """Reformat jsonl files into one parquet file; see the module docstring for the rules."""
+    """Reformat raw chat sources (any :mod:`modelmake.records` source) into one parquet file; see the
+    module docstring for the rules. ``fields``: {canonical name (id, data, conversations, messages):
+    name in the source} (``datasets.<name>.fields``)."""
     import pyarrow as pa
 
     if on_error not in ("fail", "skip"):
@@ -140,46 +149,40 @@ def reformat_files(
     stats = ReformatStats()
     ids, rows, bad = {}, [], []
 
-    for path in map(Path, inputs):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                stats.read += 1
-                where = f"{path}:{lineno}"
-                try:
-                    try:
-                        text = raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        raise BadRecord("invalid UTF-8", f"invalid UTF-8 at byte {e.start}") from None
-                    try:
-                        record = json.loads(text)
-                    except json.JSONDecodeError as e:
-                        raise BadRecord("bad JSON", f"bad JSON: {e.msg} at column {e.colno}") from None
-                    except RecursionError:
-                        raise BadRecord("bad JSON", "bad JSON: nested too deeply") from None
-                    messages = parse_messages(record)
-                    rid = record.get("id")
-                    if rid is None:
-                        rid = content_id(messages)
-                    elif not isinstance(rid, (str, int)) or isinstance(rid, bool):
-                        raise BadRecord("wrong type", f'"id" must be a string or integer, got {type(rid).__name__}')
-                    rid = _check_utf8(str(rid), '"id"')
-                    if rid in ids:
-                        raise BadRecord("duplicate id", f"duplicate id {rid!r} (first seen at {ids[rid]})")
-                except BadRecord as e:
-                    if on_error == "fail":
-                        raise RecordError(
-                            f"bad record in {where}: {e}.\nFix the line or set "
-                            f"reformat.on_error: skip to move bad lines to a rejects file."
-                        ) from None
-                    stats.reasons[e.kind] = stats.reasons.get(e.kind, 0) + 1
-                    stats.rejected += 1
-                    bad.append({"file": str(path), "line": lineno, "kind": e.kind, "error": str(e),
-                                "raw": raw.decode("utf-8", errors="replace").rstrip("\n")})
-                    continue
-                ids[rid] = where
-                rows.append({"id": rid, "messages": messages})
+    def reject(where, kind: str, error: str, raw: str | None) -> None:
+        if on_error == "fail":
+            raise RecordError(
+                f"bad record in {where}: {error}.\nFix the {'line' if where.line is not None else 'record'} "
+                f"or set reformat.on_error: skip to move bad records to a rejects file."
+            ) from None
+        stats.reasons[kind] = stats.reasons.get(kind, 0) + 1
+        stats.rejected += 1
+        place = {"line": where.line} if where.line is not None else {"row": where.row}
+        bad.append({"file": where.file, **place, "kind": kind, "error": error, "raw": raw})
+
+    def unreadable(problem) -> None:
+        stats.read += 1
+        reject(problem.where, problem.kind, problem.reason, problem.where.raw)
+
+    for source in inputs:
+        for where, record in read_records(source, fields=fields, on_bad=unreadable):
+            stats.read += 1
+            try:
+                messages = parse_messages(record)
+                rid = record.get("id")
+                if rid is None:
+                    rid = content_id(messages)
+                elif not isinstance(rid, (str, int)) or isinstance(rid, bool):
+                    raise BadRecord("wrong type", f'"id" must be a string or integer, got {type(rid).__name__}')
+                rid = _check_utf8(str(rid), '"id"')
+                if rid in ids:
+                    raise BadRecord("duplicate id", f"duplicate id {rid!r} (first seen at {ids[rid]})")
+            except BadRecord as e:
+                raw = where.raw if where.raw is not None else json.dumps(record, ensure_ascii=False, default=str)
+                reject(where, e.kind, str(e), raw)
+                continue
+            ids[rid] = str(where)  # the place, without the line it holds
+            rows.append({"id": rid, "messages": messages})
 
     stats.written = len(rows)
     schema = pa.schema([

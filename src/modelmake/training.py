@@ -16,7 +16,8 @@ module is the one place for the conventions around that:
   is finished: built under ``<out>.tmp``, then ``provenance.json`` and, last, ``manifest.json``
   (file sizes and hashes), then renamed into place: a half-written model folder never looks
   complete. ``save_model_folder(out, model, tokenizer, ...)`` does both around ``save_pretrained``;
-* ``plot_loss_curves(log_history, png)``: the curves people would rather look at than read.
+* ``plot_loss_curves(log_history, png)``: the curves people would rather look at than read;
+* ``peak_memory_bytes(device)``: what a run's timing record reports as its memory high-water mark.
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def peak_memory_bytes(device: Any = None) -> int:
+    """This process's memory high-water mark: on a CUDA ``device`` the most its tensors held
+    (``torch.cuda.max_memory_allocated``), else the resident set's (``ru_maxrss``, of this process or
+    of its largest waited-for child, whichever is larger)."""
+    if device is not None and getattr(device, "type", device) == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return kib * 1024
 
 
 def resume_checkpoint(output_dir: str | os.PathLike) -> str | None:

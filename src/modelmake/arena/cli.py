@@ -27,14 +27,14 @@ def cmd_prepare(a) -> None:
 
     cfg = json.loads(a.config)
     folds = cfg.get("folds", default("arena.folds"))
-    counts = prepare(a.inputs, a.out, labelled=a.labelled, folds=folds, config=cfg)
+    counts = prepare(a.inputs, a.out, labelled=a.labelled, folds=folds, config=cfg, fields=json.loads(a.fields))
     log.info("arena data: %s", counts)
 
 
 def cmd_sample_prompts(a) -> None:
     from modelmake.arena.pairs import sample_prompts
 
-    sample_prompts(a.pool, a.n, a.seed, a.out)
+    sample_prompts(a.pool, a.n, a.seed, a.out, fields=json.loads(a.fields))
 
 
 def cmd_pairs(a) -> None:
@@ -88,18 +88,21 @@ def cmd_report(a) -> None:
 def add_commands(sub) -> None:
     from modelmake.config import default
 
-    p = sub.add_parser("arena-prepare", help="arena: pairwise jsonl -> parquet (with folds when labelled)")
-    p.add_argument("inputs", nargs="+")
+    p = sub.add_parser("arena-prepare", help="arena: pairwise records -> parquet (with folds when labelled)")
+    p.add_argument("inputs", nargs="+", help="files, datasets folders or hf:// ids (modelmake.records)")
     p.add_argument("--out", required=True)
     p.add_argument("--labelled", action="store_true")
     p.add_argument("--config", default="{}", help="JSON: folds and the config slice to record")
+    p.add_argument("--fields", default="{}", help="JSON {canonical name: name in the source} (arena.fields)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("arena-sample-prompts", help="arena: sample prompts for response pairs")
-    p.add_argument("pool")
+    p.add_argument("pool", help="a file, datasets folder or hf:// id (modelmake.records)")
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--fields", default="{}",
+                   help="JSON {canonical name: name in the source} (arena.response_pairs.fields)")
     p.set_defaults(func=cmd_sample_prompts)
 
     p = sub.add_parser("arena-pairs", help="arena: generators' answers -> A/B response pairs")

@@ -1,7 +1,8 @@
 """Pairwise records -> parquet with folds; A/B swap.
 
 A record is ``{id, prompt, response_a, response_b, winner, language}`` (``winner`` in
-``model_a``/``model_b``; unlabelled records have none). Bad lines are reported with file:line.
+``model_a``/``model_b``; unlabelled records have none), from any :mod:`modelmake.records` source,
+other field names mapped by ``arena.fields``. Bad records are reported with file:line (file:row N).
 Folds come from a stable hash of the id, so adding records never moves the others between folds.
 """
 
@@ -11,7 +12,8 @@ import time
 from pathlib import Path
 
 from modelmake.errors import RecordError
-from modelmake.files import jsonl_objects, provenance_record, stable_hash, write_parquet
+from modelmake.files import provenance_record, stable_hash, write_parquet
+from modelmake.records import read_records
 
 TEXT_FIELDS = ("id", "prompt", "response_a", "response_b", "language")
 WINNERS = ("model_a", "model_b")
@@ -21,10 +23,13 @@ def fold_of(rid: str, folds: int) -> int:
     return stable_hash(rid) % folds
 
 
-def read_pairs(paths: list[str | Path], labelled: bool) -> list[dict]:
+def read_pairs(paths: list[str | Path], labelled: bool, fields: dict[str, str] | None = None) -> list[dict]:
+    """The pairs of ``paths`` (any :mod:`modelmake.records` source), checked; ``fields``: {canonical
+    name: name in the source} (``arena.fields``)."""
     rows, seen = [], {}
+    required = TEXT_FIELDS + (("winner",) if labelled else ())
     for path in paths:
-        for where, rec in jsonl_objects(path):
+        for where, rec in read_records(path, fields=fields, required=required, config_key="arena.fields"):
             for k in TEXT_FIELDS:
                 if not isinstance(rec.get(k), str):
                     raise RecordError(f"bad record in {where}: {k!r} must be a string, got "
@@ -43,12 +48,13 @@ def read_pairs(paths: list[str | Path], labelled: bool) -> list[dict]:
     return rows
 
 
-def prepare(paths: list[str], out: str | Path, *, labelled: bool, folds: int, config: dict) -> dict:
+def prepare(paths: list[str], out: str | Path, *, labelled: bool, folds: int, config: dict,
+            fields: dict[str, str] | None = None) -> dict:
     """Write the records of ``paths`` as parquet (with a ``fold`` column when labelled)."""
     import pandas as pd
 
     started = time.time()
-    rows = read_pairs(paths, labelled)
+    rows = read_pairs(paths, labelled, fields)
     if not rows:
         raise RecordError(f"no records in {', '.join(map(str, paths))}. Add pairs or fix the config path.")
     df = pd.DataFrame(rows)

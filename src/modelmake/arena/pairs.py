@@ -13,14 +13,16 @@ import random
 import time
 
 from modelmake.errors import RecordError
-from modelmake.files import (
-    atomic_open, dumps, jsonl_objects, provenance_record, read_jsonl, stable_hash, write_parquet,
-)
+from modelmake.files import atomic_open, dumps, provenance_record, read_jsonl, stable_hash, write_parquet
+from modelmake.records import read_records
 
 
-def sample_prompts(pool: str, n: int, seed: int, out: str) -> int:
+def sample_prompts(pool: str, n: int, seed: int, out: str, fields: dict[str, str] | None = None) -> int:
+    """``n`` prompts of the pool (any :mod:`modelmake.records` source, ``{id, prompt, language}``,
+    other names mapped by ``fields``: ``arena.response_pairs.fields``), chosen with the seed."""
     rows = []
-    for where, rec in jsonl_objects(pool):
+    for where, rec in read_records(pool, fields=fields, required=("id", "prompt"),
+                                   config_key="arena.response_pairs.fields"):
         if not (isinstance(rec.get("id"), str) and isinstance(rec.get("prompt"), str)):
             raise RecordError(f"bad record in {where}: needs string 'id' and 'prompt'. Fix the line.")
         rows.append(rec)

@@ -19,7 +19,7 @@ def cmd_web_data(a) -> None:
 
     s = json.loads(a.settings)
     build_web(json.loads(a.files), a.tokenizer, a.out_train, a.out_eval, max_len=s["max_len"],
-              eval_rows=s["eval_rows"], seed=s["seed"], pack=s["pack"])
+              eval_rows=s["eval_rows"], seed=s["seed"], pack=s["pack"], text_field=s.get("text_field"))
 
 
 def cmd_init(a) -> None:
@@ -80,11 +80,11 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_chat_data)
 
     p = sub.add_parser("distill-web-data", help="C4-style web text, interleaved by language, packed -> parquet")
-    p.add_argument("--files", required=True, help="JSON {language: [jsonl or parquet files]}")
+    p.add_argument("--files", required=True, help="JSON {language: [sources (modelmake.records)]}")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out-train", required=True)
     p.add_argument("--out-eval", required=True)
-    p.add_argument("--settings", required=True, help="JSON: max_len, eval_rows, seed, pack")
+    p.add_argument("--settings", required=True, help="JSON: max_len, eval_rows, seed, pack, text_field")
     p.set_defaults(func=cmd_web_data)
 
     p = sub.add_parser("distill-init", help="hybrid student initialised from the teacher")

@@ -8,8 +8,9 @@ shifts once (the original shifted here too and so trained on token t+2).
 * chat: each conversation through the model's own chat template; only assistant tokens (each
   assistant turn's content and end-of-turn token, ``chat.assistant_mask``: any template, with or
   without ``{% generation %}`` markers) carry labels, user and system turns are -100.
-* web: C4-style jsonl/parquet (a ``text`` field) per language, interleaved round-robin by
-  language (a seeded shuffle within each), EOS-joined and packed into ``max_len`` blocks.
+* web: C4-style records per language (any :mod:`modelmake.records` source, e.g. ``.json.gz``
+  shards; the text in ``distill.web.text_field``, ``text`` or e.g. ``raw_content``), interleaved
+  round-robin by language (a seeded shuffle within each), EOS-joined and packed into ``max_len`` blocks.
 
 The last ``eval_rows`` rows of each source (after a seeded shuffle) are held out.
 """
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from modelmake.chat import assistant_mask
 from modelmake.errors import RecordError, UserError
-from modelmake.files import jsonl_objects, provenance_record, write_parquet
+from modelmake.files import provenance_record, write_parquet
+from modelmake.records import read_records
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +65,19 @@ def chat_rows(tokenizer, conversations: list[tuple[str, list[dict]]], max_len: i
     return rows
 
 
-def read_web(path: str | Path) -> list[str]:
-    """Texts of a C4-style jsonl or parquet file (field ``text``), reporting bad lines as file:line."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pandas as pd
+def read_web(path: str | Path, text_field: str | None = None) -> list[str]:
+    """Texts of a C4-style source (any :mod:`modelmake.records` source: ``.json.gz`` shards, parquet,
+    ...) whose text is in ``text_field`` (``distill.web.text_field``: ``text``, or e.g. ``raw_content``);
+    bad records are reported as file:line."""
+    from modelmake.config import default
 
-        return [str(t) for t in pd.read_parquet(path, columns=["text"])["text"]]
+    field = text_field or default("distill.web.text_field")
     texts = []
-    for where, rec in jsonl_objects(path):
-        if not isinstance(rec.get("text"), str):
-            raise RecordError(f"bad record in {where}: needs a string field \"text\" (C4 style). Fix the line.")
+    for where, rec in read_records(path, fields={"text": field}, required=("text",),
+                                   config_key={"text": "distill.web.text_field"}):
+        if not isinstance(rec["text"], str):
+            raise RecordError(f"bad record in {where}: the text field {field!r} must be a string, got "
+                              f"{type(rec['text']).__name__}. Fix the record or set distill.web.text_field.")
         texts.append(rec["text"])
     return texts
 
@@ -153,16 +157,17 @@ def build_chat(parquets: list[str], tokenizer_dir: str, out_train: str, out_eval
 
 
 def build_web(files: dict[str, list[str]], tokenizer_dir: str, out_train: str, out_eval: str, *, max_len: int,
-              eval_rows: int, seed: int, pack: bool = True) -> dict:
+              eval_rows: int, seed: int, pack: bool = True, text_field: str | None = None) -> dict:
     from transformers import AutoTokenizer
 
     started = time.time()
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    per_language = {lang: [t for p in paths for t in read_web(p)] for lang, paths in files.items()}
+    per_language = {lang: [t for p in paths for t in read_web(p, text_field)] for lang, paths in files.items()}
     rows = web_rows(tok, interleave(per_language, seed), max_len, pack)
     train, held = split_rows(rows, eval_rows, seed)
     counts = {"texts": {k: len(v) for k, v in per_language.items()}, "train": len(train), "eval": len(held)}
-    config = {"max_len": max_len, "eval_rows": eval_rows, "seed": seed, "pack": pack, "files": files}
+    config = {"max_len": max_len, "eval_rows": eval_rows, "seed": seed, "pack": pack, "files": files,
+              "text_field": text_field}
     inputs = [p for paths in files.values() for p in paths]
     prov = provenance_record(config=config, inputs=inputs, counts=counts, started=started)
     _write(train, out_train, prov)

@@ -29,7 +29,9 @@ from pathlib import Path
 
 from modelmake import launch
 from modelmake.files import read_json, write_json
-from modelmake.training import plot_loss_curves, resume_checkpoint, save_model_folder, seed_everything
+from modelmake.training import (
+    peak_memory_bytes, plot_loss_curves, resume_checkpoint, save_model_folder, seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +271,8 @@ def run_trainer(job: dict, layout, groups, singles, rank: int) -> None:
                           counts={"steps": step, "trainers": n_trainers, "groups": layout.groups},
                           started=started,
                           extra={"log_history.json": history,
-                                 "timing.json": {"teacher_s": round(t_teacher, 3), "step_s": round(t_total, 3)}})
+                                 "timing.json": {"teacher_s": round(t_teacher, 3), "step_s": round(t_total, 3),
+                                                 "peak_memory_bytes": peak_memory_bytes(device)}})
         plot_loss_curves(history, job["plot"], title=f"distill stage {s['stage']}")
         write_json(job["history"], history)
         log.info("saved %s", job["out"])

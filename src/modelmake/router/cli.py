@@ -16,7 +16,7 @@ def cmd_data(a) -> None:
 
     out = {"train": a.train, "calib": a.calib, "test": a.test}
     stats = write_splits(a.inputs, out, a.stats, n_sample=a.n_sample, calib=a.calib_share, test=a.test_share,
-                         seed=a.seed, config=json.loads(a.config))
+                         seed=a.seed, config=json.loads(a.config), fields=json.loads(a.fields))
     logging.info("router data: %s", {k: v["records"] for k, v in stats.items()})
 
 
@@ -112,8 +112,8 @@ def _write_rows(rows: list[dict], out: str | None) -> None:
 def add_commands(sub) -> None:
     from modelmake.config import default
 
-    p = sub.add_parser("router-data", help="scored prompts jsonl -> train / calib / test parquet")
-    p.add_argument("inputs", nargs="+")
+    p = sub.add_parser("router-data", help="scored prompts -> train / calib / test parquet")
+    p.add_argument("inputs", nargs="+", help="files, datasets folders or hf:// ids (modelmake.records)")
     p.add_argument("--train", required=True)
     p.add_argument("--calib", required=True)
     p.add_argument("--test", required=True)
@@ -123,6 +123,7 @@ def add_commands(sub) -> None:
     p.add_argument("--test-share", type=float, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="{}")
+    p.add_argument("--fields", default="{}", help="JSON {canonical name: name in the source} (router.fields)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("router-train", help="SFT a router (TRL; DeepSpeed ZeRO-3 when --scale names a config)")

@@ -1,6 +1,7 @@
-"""Scored prompts jsonl -> validated records -> seeded subsample -> train / calib / test parquet.
+"""Scored prompts -> validated records -> seeded subsample -> train / calib / test parquet.
 
-A line of the input (the original recipe's training file plus the scores routing is evaluated on)::
+A record of the input (any :mod:`modelmake.records` source; the original recipe's training file plus
+the scores routing is evaluated on; other field names mapped by ``router.fields``)::
 
     {"id": "...", "prompt": "...", "messages": [system, user "[Question]...Prediction:", assistant "[[k]]"],
      "weak_score": 2, "strong_score": 5}
@@ -24,11 +25,22 @@ from pathlib import Path
 from typing import Any
 
 from modelmake.errors import RecordError, UserError
-from modelmake.files import digest, jsonl_objects
+from modelmake.files import digest
+from modelmake.records import read_records
 from modelmake.router.tokens import label_of
 
 SPLITS = ("train", "calib", "test")
 ROLES = ("system", "user", "assistant")
+
+
+def _number(v: Any) -> Any:
+    """A CSV cell is text: a number written as text is that number, an empty cell none."""
+    if isinstance(v, str):
+        try:
+            return float(v) if v.strip() else None
+        except ValueError:
+            return v
+    return v
 
 
 def _check(where: str, obj: dict) -> dict:
@@ -63,18 +75,19 @@ def _check(where: str, obj: dict) -> dict:
         "label": label,
     }
     for key in ("weak_score", "strong_score"):
-        v = obj.get(key)
+        v = _number(obj.get(key))
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise RecordError(f"bad record in {where}: \"{key}\" must be a number, got {v!r}")
         rec[key] = None if v is None else float(v)
     return rec
 
 
-def read_scored(paths: list[str | Path]) -> list[dict]:
-    """Every record of the given jsonl files, validated; raises RecordError with file:line."""
+def read_scored(paths: list[str | Path], fields: dict[str, str] | None = None) -> list[dict]:
+    """Every record of the given sources (any :mod:`modelmake.records` source), validated; raises
+    RecordError with file:line. ``fields``: {canonical name: name in the source} (``router.fields``)."""
     records, seen = [], {}
     for p in paths:
-        for where, obj in jsonl_objects(p):
+        for where, obj in read_records(p, fields=fields, required=("prompt", "messages"), config_key="router.fields"):
             rec = _check(where, obj)
             if rec["id"] in seen:
                 raise RecordError(f"bad record in {where}: duplicate id {rec['id']!r} (first at {seen[rec['id']]})")
@@ -118,7 +131,8 @@ def split_records(records: list[dict], n_sample: int | None, calib: float, test:
 
 
 def write_splits(paths: list[str | Path], out: dict[str, str | Path], stats_path: str | Path, *,
-                 n_sample: int | None, calib: float, test: float, seed: int, config: dict) -> dict:
+                 n_sample: int | None, calib: float, test: float, seed: int, config: dict,
+                 fields: dict[str, str] | None = None) -> dict:
     """Read, validate, subsample and split; write one parquet per split (provenance in its metadata)
     and a stats JSON (counts, label histogram, mean scores per split)."""
     import pandas as pd
@@ -126,7 +140,7 @@ def write_splits(paths: list[str | Path], out: dict[str, str | Path], stats_path
     from modelmake.files import provenance_record, write_json, write_parquet
 
     started = time.time()
-    splits = split_records(read_scored(paths), n_sample, calib, test, seed)
+    splits = split_records(read_scored(paths, fields), n_sample, calib, test, seed)
     stats: dict[str, Any] = {}
     for name, recs in splits.items():
         df = pd.DataFrame(recs)
