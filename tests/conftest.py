@@ -125,9 +125,10 @@ def wait_until(predicate, timeout: float, poll: float = 0.2, what: str = "condit
 
 # Asset settings that workflow tests share (dotted keys for small_config), so that the session builds
 # them once: the demo's models fitted briefly, enough to answer in-domain without having memorised
-# the demo answers (self-play samples its own answers from tiny-llama). Used by the arena, self-play
-# and pseudo-label tests (the last fit on their own 60-line corpora: a build of their own); a test
-# with other asset settings also gets its own build, once per session.
+# the demo answers (self-play samples its own answers from tiny-llama). Used by the self-play, SLURM
+# and pseudo-label tests (the last fit on their own 60-line corpora: a build of their own). The arena
+# test fits its bases longer (a classifier learns nothing from 30-step bases), so it seeds its own
+# build; any test with other asset settings gets its own build, once per session.
 WORKFLOW_ASSETS = {"assets.models.tiny-llama.steps": 50, "assets.models.tiny-llama-b.steps": 30}
 
 
