@@ -115,11 +115,9 @@ def arena_config(workdir):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, demo_assets):
+def built(tmp_path_factory):
     wd = tmp_path_factory.mktemp("arena")
-    cfg = arena_config(wd)
-    write_config(wd, cfg)
-    demo_assets.seed(wd, cfg)  # the tokenizer and both bases, built once per session
+    write_config(wd, arena_config(wd))
     res = wd / "results/arena/demo"
 
     # a killed stage: stop the run once stage 1 of arena_a has a complete checkpoint
