@@ -95,7 +95,7 @@ CLI_ENTRY = ("main", "parser", "add_commands")
 VARIANTS = {
     "router ZeRO-3 (router_consolidate)": {"router": {"scale": {"deepspeed": "config/router/zero3.json"}}},
     # a config file layered over the demo, as --configfile config.yaml FILE does
-    "router built labels (router.build_labels)": REPO / "config/router/built_labels.yaml",
+    "router built labels (router.build_labels)": REPO / "layers/router_built_labels.yaml",
 }
 
 

@@ -451,17 +451,16 @@ def test_a_model_role_name_must_be_a_safe_name(config, name):
         problems(config))
 
 
-def test_a_model_path_must_hold_a_config_and_a_tokenizer(config, tmp_path):
+def test_a_model_path_must_hold_a_config(config, tmp_path):
+    """config.json at config time; not tokenizer files (a dry run from a login node plans on folders
+    that hold only their config, as the shipped cluster examples' stubbed dry runs do)."""
     model = tmp_path / "teacher"
     model.mkdir()
     config["models"]["teacher"] = {"path": str(model)}
     msg = problems(config)
-    assert (f"models.teacher.path: {str(model)!r} is not a model folder: no config.json; no tokenizer files "
-            f"(one of tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json, vocab.txt)") in msg
+    assert f"models.teacher.path: {str(model)!r} is not a model folder: no config.json" in msg
     (model / "config.json").write_text("{}")
-    assert "no tokenizer files" in problems(config) and "no config.json" not in problems(config)
-    (model / "tokenizer_config.json").write_text("{}")
-    assert validate(config)["models"]["teacher"] == {"path": str(model)}
+    assert validate(config)["models"]["teacher"] == {"path": str(model)}  # no tokenizer needed to plan
 
 
 def test_vllm_args_may_not_set_what_the_pool_sets_naming_the_key(config):
@@ -575,8 +574,8 @@ def test_pipelines_cannot_need_each_others_models_in_a_cycle(config):
 
 
 def built_labels(config: dict) -> dict:
-    """The demo config with config/router/built_labels.yaml layered over it (as --configfile does)."""
-    over = yaml.safe_load((REPO / "config/router/built_labels.yaml").read_text())
+    """The demo config with layers/router_built_labels.yaml layered over it (as --configfile does)."""
+    over = yaml.safe_load((REPO / "layers/router_built_labels.yaml").read_text())
     config["models"].update(over["models"])
     config["router"].update(over["router"])
     return config

@@ -157,7 +157,7 @@ def test_shipped_configs_validate():
         validate(layered([yaml.safe_load((CLUSTER / f).read_text()) for f in files]), check_paths=False)
 
 
-BUILT_LABELS = "config/router/built_labels.yaml"
+BUILT_LABELS = "layers/router_built_labels.yaml"
 # router.build_labels, in the order each step feeds the next
 LABEL_CHAIN = ["reformat", "router_label_prompts", "router_label_answer", "router_judge_input", "router_judge",
                "router_judge_retry_input", "router_judge_retry", "router_labels", "router_data"]
@@ -170,7 +170,7 @@ def rule_edges(dot: str) -> set[tuple[str, str]]:
 
 
 def test_built_labels_chain_prompts_answers_grades_into_router_data(tmp_path):
-    """config/router/built_labels.yaml over the demo: the router's data come from the judge's grades of
+    """layers/router_built_labels.yaml over the demo: the router's data come from the judge's grades of
     the weak and the strong model's answers to the chat datasets' first user turns."""
     write_config(tmp_path, small_config(tmp_path))
     shutil.copy(REPO / BUILT_LABELS, tmp_path / "built_labels.yaml")

@@ -189,23 +189,16 @@ def _ref_problems(config: dict, at: tuple, value: str, ref: str, parent: dict) -
     return out
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-
 def model_folder_problem(path: str | Path) -> str | None:
-    """What a Hugging Face model folder lacks for modelmake to serve or train it: its config.json
-    and, since every pipeline loads the role's tokenizer too, tokenizer files (or None). Weights are
-    not looked for (a dry run plans on folders without them)."""
+    """What a Hugging Face model folder lacks for modelmake to plan on it: its config.json (or None).
+    Tokenizer files and weights are not looked for here: a dry run plans on folders that hold only
+    their config (a cluster config's models checked from a login node), and the job that loads the
+    tokenizer fails there, with transformers' error naming the folder."""
     path = Path(path)
     if not path.is_dir():
         return f"dir {str(path)!r} does not exist (relative to {Path.cwd()})"
-    missing = []
     if not (path / "config.json").is_file():
-        missing.append("config.json")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
-    if missing:
-        return (f"{str(path)!r} is not a model folder: no {'; no '.join(missing)}. Give a folder saved with "
+        return (f"{str(path)!r} is not a model folder: no config.json. Give a folder saved with "
                 f"save_pretrained (model and tokenizer), e.g. a downloaded hub snapshot")
     return None
 
