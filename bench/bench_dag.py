@@ -34,7 +34,8 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 def make_workdir(root: Path, partitions: int, shards: int) -> Path:
     wd = root / f"p{partitions}x{shards}"
-    (wd / "model").mkdir(parents=True)  # a placeholder model folder: a dry run never loads it
+    (wd / "model").mkdir(parents=True)  # a placeholder model folder: a dry run only reads its config.json
+    (wd / "model" / "config.json").write_text("{}\n")
     demo = yaml.safe_load((REPO / "config.yaml").read_text())
     # A --configfile is the whole config and a pipeline is built iff its section is present: keep
     # only what the benchmark measures, the pseudo-label pipeline on chat_en, with a placeholder
