@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,3 +119,99 @@ def wait_until(predicate, timeout: float, poll: float = 0.2, what: str = "condit
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# --- demo assets, built once per test session
+
+# Asset settings that workflow tests share (dotted keys for small_config), so that the session builds
+# them once: the demo's models fitted briefly, enough to answer in-domain without having memorised
+# the demo answers (self-play samples its own answers from tiny-llama). Used by the self-play, SLURM
+# and pseudo-label tests (the last fit on their own 60-line corpora: a build of their own). The arena
+# test fits its bases longer (a classifier learns nothing from 30-step bases), so it seeds its own
+# build; any test with other asset settings gets its own build, once per session.
+WORKFLOW_ASSETS = {"assets.models.tiny-llama.steps": 50, "assets.models.tiny-llama-b.steps": 30}
+
+
+class DemoAssets:
+    """The demo's tokenizer and tiny models, with the reformatted corpora they are fitted on, built by
+    the real rules (reformat, build_tokenizer, build_model) once per test session and asset config,
+    then seeded into each workflow folder that needs them, where Snakemake finds them up to date.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def seed(self, workdir: Path, config: dict, models: list[str] | None = None) -> None:
+        """Give workdir, whose config.yaml is ``config``, the tokenizer, ``models`` (default: the assets
+        its model roles name) and their corpora, as its own Snakemake run would have left them."""
+        if models is None:
+            models = [m["asset"] for m in config["models"].values() if "asset" in m]
+        models = sorted(set(models))
+        folder = self._build(workdir, config, models)
+        src, dst = folder / "results", Path(config["results"])
+        parts = ["assets/tokenizer", "logs/assets/tokenizer.log"]
+        for d in config["assets"]["tokenizer"]["corpora"]:
+            parts += [f"data/{d}/reformatted", f"logs/reformat/{d}", f"benchmarks/reformat/{d}"]
+        for m in models:
+            parts += [f"assets/models/{m}", f"logs/assets/model_{m}.log", f"benchmarks/assets/model_{m}.tsv"]
+        for part in parts:
+            if (src / part).is_dir():
+                shutil.copytree(src / part, dst / part, dirs_exist_ok=True)
+            elif (src / part).exists():
+                (dst / part).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / part, dst / part)
+        # Snakemake's bookkeeping of this folder: the jobs' metadata (params, input set, code) recorded
+        # against its own config, and mtimes in rule order, newer than the raw files. Nothing is built.
+        run_snakemake(workdir, "--touch", "--forcerun", "reformat", "build_tokenizer", "build_model",
+                      "--", *_asset_targets(config, models))
+
+    def _build(self, workdir: Path, config: dict, models: list[str]) -> Path:
+        """The session folder of this asset config, with ``models`` built (by the rules, once)."""
+        folder = self.root / _asset_key(workdir, config)
+        session_config = folder / "config.yaml"
+        if not session_config.exists():
+            c = copy.deepcopy(config)
+            c["results"] = str(folder / "results")
+            for d in c["assets"]["tokenizer"]["corpora"]:  # raw files from inside workdir come along
+                splits = c["datasets"][d]["splits"]
+                for split, paths in splits.items():
+                    splits[split] = [_relocate(Path(p), workdir, folder) for p in paths]
+            write_config(folder, c)
+        targets = _asset_targets(yaml.safe_load(session_config.read_text()), models)
+        if not all(Path(t).exists() for t in targets):
+            run_snakemake(folder, *targets)
+        return folder
+
+
+def _asset_key(workdir: Path, config: dict) -> str:
+    """What the assets are made of: their settings, the seed and the raw corpora (where and what)."""
+    def raw(path: str) -> list[str]:
+        p = Path(path)
+        return [str(p.relative_to(workdir) if p.is_relative_to(workdir) else p),
+                hashlib.sha256(p.read_bytes()).hexdigest()]
+
+    corpora = config["assets"]["tokenizer"]["corpora"]
+    spec = {"assets": config["assets"], "seed": config["seed"], "reformat": config["reformat"],
+            "raw": {d: {s: [raw(p) for p in paths] for s, paths in config["datasets"][d]["splits"].items()}
+                    for d in corpora}}
+    return hashlib.sha256(yaml.safe_dump(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _relocate(path: Path, workdir: Path, folder: Path) -> str:
+    if not path.is_relative_to(workdir):
+        return str(path)
+    to = folder / path.relative_to(workdir)
+    to.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(path, to)
+    return str(to)
+
+
+def _asset_targets(config: dict, models: list[str]) -> list[str]:
+    assets = Path(config["results"]) / "assets"
+    return [str(assets / "tokenizer"), *(str(assets / "models" / m) for m in models)]
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory) -> DemoAssets:
+    """The demo assets, built once per session and asset config: ``demo_assets.seed(workdir, config)``."""
+    return DemoAssets(tmp_path_factory.mktemp("demo_assets"))

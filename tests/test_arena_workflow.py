@@ -115,9 +115,11 @@ def arena_config(workdir):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, demo_assets):
     wd = tmp_path_factory.mktemp("arena")
-    write_config(wd, arena_config(wd))
+    cfg = arena_config(wd)
+    write_config(wd, cfg)
+    demo_assets.seed(wd, cfg)  # the tokenizer and both bases, built once per session
     res = wd / "results/arena/demo"
 
     # a killed stage: stop the run once stage 1 of arena_a has a complete checkpoint

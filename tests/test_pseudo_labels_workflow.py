@@ -19,7 +19,7 @@ import pytest
 from test_workflow_dry import jobs_planned
 
 from conftest import (
-    REPO, Started, pid_alive, run_snakemake, small_config, wait_until, write_config,
+    REPO, WORKFLOW_ASSETS, Started, pid_alive, run_snakemake, small_config, wait_until, write_config,
 )
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ OTHER_PIPELINES = ("router", "selfplay", "arena", "distill")
 
 def pl_config(workdir: Path, **overrides) -> dict:
     """The demo config for the pseudo-label pipeline only (the other pipelines' sections left out)."""
-    cfg = small_config(workdir, **overrides)
+    cfg = small_config(workdir, **{**WORKFLOW_ASSETS, **overrides})  # the teacher: the tests' short fit
     for name in OTHER_PIPELINES:
         cfg.pop(name, None)
     cfg["models"] = {"teacher": cfg["models"]["teacher"]}  # and their model roles
@@ -160,13 +160,14 @@ def add_tool_dataset(workdir: Path, cfg: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, demo_assets):
     """A workflow folder whose first run was killed mid-shard (kill -9) and then rerun to the end;
     with the tool-use dataset beside the demo's two."""
     wd = tmp_path_factory.mktemp("pl")
     cfg = pl_config(wd, **{"pseudo_labels.concurrency": 2})
     add_tool_dataset(wd, cfg)
     write_config(wd, cfg)
+    demo_assets.seed(wd, cfg)  # the teacher fitted on these 60-line corpora, built once per session
     run = Started(wd)
     journal = wd / "results/pseudo_labels/chat_en/teacher/part0/.journal/shard0.jsonl"
     try:

@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Started, run_snakemake, small_config, wait_until, write_config
+from conftest import WORKFLOW_ASSETS, Started, run_snakemake, small_config, wait_until, write_config
 from test_pseudo_labels_workflow import session_processes
 
 pytestmark = pytest.mark.slow
 
 
 def sp_config(workdir: Path, **overrides) -> dict:
-    cfg = small_config(workdir, **overrides)
-    cfg["assets"]["models"]["tiny-llama"]["steps"] = 50  # a quicker fit: answers in-domain, not memorised
+    cfg = small_config(workdir, **{**WORKFLOW_ASSETS, **overrides})  # answers in-domain, not memorised
     cfg["selfplay"]["sampling"]["max_tokens"] = 32
     cfg["serve"]["idle_timeout_s"] = 30  # the rerun joins the killed run's pool while it is up
     cfg["selfplay"]["concurrency"] = 2  # slower generation: room to kill a fraction mid-way
@@ -66,10 +65,11 @@ def generate_pids(session: int, fraction: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, demo_assets):
     wd = tmp_path_factory.mktemp("selfplay")
     cfg = sp_config(wd)
     write_config(wd, cfg)
+    demo_assets.seed(wd, cfg, models=["tiny-llama"])  # the SFT model, built once per session
     target = str(sp(wd, "metrics.json"))
     run = Started(wd, target)
     journal = sp(wd, "iter0/generated/train/.journal/frac0.jsonl")

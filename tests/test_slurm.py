@@ -50,11 +50,14 @@ def messages(path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def local_and_slurm(slurm_cluster, tmp_path_factory):
+def local_and_slurm(slurm_cluster, tmp_path_factory, demo_assets):
     """The demo pipeline (small) run locally and through the slurm profile, in two folders."""
     local, cluster = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("slurm")
-    for wd in (local, cluster):
-        write_config(wd, pl_config(wd))
+    configs = {wd: pl_config(wd) for wd in (local, cluster)}
+    for wd, cfg in configs.items():
+        write_config(wd, cfg)
+    # the local run takes the session's local build of these assets; the slurm run builds its own
+    demo_assets.seed(local, configs[local])
     run_snakemake(local)
     out = slurm(cluster).stdout
     return local, cluster, out
