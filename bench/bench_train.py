@@ -25,7 +25,7 @@ pipeline >= 0.8 of the plain loop's tokens/s.
 Inputs: the demo's tiny-llama under --assets (build it first:
 snakemake --cores all results/assets/models/tiny-llama); each pipeline's data is built in a
 temporary folder from resources/demo with the library's own functions (bench/artifacts.py).
-Run: python bench/bench_train.py [--pipelines router arena selfplay distill] [--steps 30] [--rounds 2]
+Run: python bench/bench_train.py [--pipelines router arena selfplay distill] [--steps 30] [--rounds 3]
      python bench/bench_train.py --smoke   # 3 steps, 1 round, on a 1-step tiny-llama and small data built
                                            # in a temporary folder (runs end to end; measures nothing)
 """
@@ -384,7 +384,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES))
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per side")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads of each side")
     p.add_argument("--assets", default=str(REPO / "results/assets"), help="the folder holding models/tiny-llama")
     p.add_argument("--out", help="write the rows and ratios as JSON here")
