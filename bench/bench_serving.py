@@ -24,7 +24,7 @@ vLLM's client streams (one server-sent event per token) and modelmake's does not
 per request): the servers' CPU per 1,000 tokens shows what the protocol costs them.
 
 Usage: python bench/bench_serving.py [--hidden 512 --layers 8] [--layouts 1x2 2x1] [--prompts 400]
-       [--concurrency 64] [--max-tokens 64] [--rounds 2] [--model FOLDER] [--smoke]
+       [--concurrency 64] [--max-tokens 64] [--rounds 3] [--model FOLDER] [--smoke]
 Without --model, a random-initialised Llama of the given size is saved with the demo tokenizer
 (trained from resources/demo in a temporary folder): the demo's tiny teacher is so small that
 per-request HTTP cost, not the model, would decide the ratio.
@@ -332,7 +332,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=64, help="requests in flight, over all servers")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="; ".join(f"{k}={v}" for k, v in SMOKE.items())
                     + ": runs end to end, measures nothing")
     ap.add_argument("--offline-only", action="store_true", help=argparse.SUPPRESS)
