@@ -19,8 +19,9 @@ Printed per layout: tokens/s of each client (its best round: on a shared machine
 burst only ever slows a run down), the ratio modelmake / vllm bench
 (issue 17's target >= 0.98: client and proxy cost at most 2%), modelmake / offline, and CPU
 seconds per 1,000 generated tokens of the client process (getrusage, the measured stretch only), of
-the proxy and of the servers (/proc, their process groups), in that best round; then the layouts
-side by side.
+the proxy and of the servers (/proc, their process groups), in that best round, and the client's
+and proxy's CPU as a share of the servers' (less sensitive to other processes than tokens/s); then
+the layouts side by side.
 Start-up (model load, server health, client imports, tokenizer) is excluded everywhere.
 vLLM's client streams (one server-sent event per token) and modelmake's does not (one JSON answer
 per request): the servers' CPU per 1,000 tokens shows what the protocol costs them.
@@ -285,9 +286,10 @@ def report(args, baseline: dict, layouts: dict[str, dict[str, list[dict]]]) -> N
               f"concurrency {args.concurrency}, best of {args.rounds} round(s):")
         print(f"  {'client':<30} {'tok/s':>8} {'client CPU':>11} {'proxy CPU':>10} {'servers CPU':>12}  "
               f"(CPU s per 1,000 generated tokens)")
-        tok_s = {}
+        tok_s, share = {}, {}
         for client, rs in rows.items():
             best = max(rs, key=lambda r: r["tok_s"])
+            share[client] = (best["client_cpu_s"] + best["proxy_cpu_s"]) / best["servers_cpu_s"]
             tok_s[client] = best["tok_s"]
             print(f"  {client + ' (' + WHERE[client] + ')':<30} {tok_s[client]:>8.1f} "
                   f"{per_1k(best, 'client_cpu_s'):>11.3f} {per_1k(best, 'proxy_cpu_s'):>10.3f} "
@@ -297,6 +299,8 @@ def report(args, baseline: dict, layouts: dict[str, dict[str, list[dict]]]) -> N
               + ("" if args.smoke else f" (target >= 0.98: {'met' if ratio >= 0.98 else 'MISSED'})"))
         print(f"  ratio modelmake / offline: {tok_s['modelmake'] / baseline['tok_s']:.3f}; "
               f"modelmake through Traefik / direct: {tok_s['modelmake'] / tok_s['direct']:.3f}")
+        print(f"  client + proxy CPU per servers' CPU: modelmake through Traefik {share['modelmake']:.1%}, "
+              f"vllm bench {share['vllm bench']:.1%} (what the client side takes from the cores the servers share)")
         summary[name] = tok_s["modelmake"]
     if len(summary) > 1:
         first = next(iter(summary))
