@@ -31,6 +31,7 @@ bench: setup
 	python bench/bench_serving.py
 	$(SNAKEMAKE) --cores all results/router/demo/data/train.parquet results/assets/models/tiny-llama
 	python bench/bench_router.py
+	python bench/bench_train.py
 
 clean:
 	rm -rf results .snakemake

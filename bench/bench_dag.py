@@ -28,7 +28,9 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+import common
+
+REPO = common.REPO
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
@@ -146,7 +148,7 @@ def main() -> None:
     print(f"ratio modelmake / trivial Snakefile at {big['shards']} jobs: dry run "
           f"x{big['dry_run_s'] / floor['dry_run_s']:.2f}, no-op x{big['noop_s'] / floor['noop_s']:.2f}")
     if args.smoke:
-        print("smoke run: every code path ran; these numbers are not a benchmark")
+        print(common.SMOKE_NOTE)
     else:
         print(f"targets: dry run < 10 s -> {'met' if big['dry_run_s'] < 10 else 'MISSED'}; "
               f"no-op < 3 s -> {'met' if big['noop_s'] < 3 else 'MISSED'}")

@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import common
+
+REPO = common.REPO
 sys.path.insert(0, str(REPO / "src"))
 
 from modelmake.distill.launch import run_stage  # noqa: E402
@@ -106,7 +108,7 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps({"ratio_service_over_local": ratio, "rows": [local, *scaling]}, indent=2))
     if args.smoke:
-        print("smoke run: every code path ran; these numbers are not a benchmark")
+        print(common.SMOKE_NOTE)
 
 
 if __name__ == "__main__":

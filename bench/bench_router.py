@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import common
+
+REPO = common.REPO
 sys.path.insert(0, str(REPO / "src"))
 
 VARIANTS = ("trl_defaults", "modelmake")
 
 
 def train_once(args) -> None:
-    """One training in this process; prints {runtime_s, steps, train_loss} as JSON."""
+    """One training in this process; emits {runtime_s, steps, train_loss}."""
     import modelmake.training as training
     from modelmake.files import read_json
     from modelmake.router.train import train_router
@@ -56,7 +56,7 @@ def train_once(args) -> None:
     train_router(args.train, args.eval, args.base, work / "model", work / "ckpt", settings=settings,
                  scale=scale, seed=0, config={})
     end = read_json(work / "ckpt" / "log_history.json")[-1]
-    print(json.dumps({"runtime_s": end["train_runtime"], "steps": end["step"], "train_loss": end["train_loss"]}))
+    common.emit({"runtime_s": end["train_runtime"], "steps": end["step"], "train_loss": end["train_loss"]})
 
 
 def smoke_inputs(args, root: Path) -> None:
@@ -95,11 +95,7 @@ def main() -> None:
                 work = Path(tmp) / f"{variant}{r}"
                 cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--train", args.train,
                        "--eval", args.eval, "--base", args.base, "--epochs", str(args.epochs)]
-                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if proc.returncode:
-                    sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-                row = {"variant": variant, "round": r, **json.loads(proc.stdout.strip().splitlines()[-1])}
+                row = {"variant": variant, "round": r, **common.child(cmd, variant, threads=args.threads)}
                 row["s_per_step"] = round(row["runtime_s"] / row["steps"], 4)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -113,7 +109,7 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     if args.smoke:
-        print("smoke run: every code path ran; these numbers are not a benchmark")
+        print(common.SMOKE_NOTE)
     if not result["same_final_loss"]:
         sys.exit(f"the variants trained to different losses: {sorted(losses)}")
 

@@ -105,11 +105,14 @@ def test_bench_dag_smoke_plans_and_prints_the_ratios(run_smoke):
     assert "ratio modelmake / trivial Snakefile at 10 jobs: dry run x" in out
 
 
-@pytest.mark.slow  # ~2 min: two vLLM start-ups (offline engine, then a server behind Traefik)
-def test_bench_serving_smoke_serves_and_prints_the_ratio(run_smoke):
+@pytest.mark.slow  # ~2-3 min: three vLLM start-ups (the offline engine, then a pool of two servers behind Traefik)
+def test_bench_serving_smoke_runs_every_client_and_prints_the_ratios(run_smoke):
     out = run_smoke("bench_serving.py", timeout=600)
-    assert "ratio full path / offline: " in out
-    assert " 0 failed" in out
+    assert "ratio modelmake / vllm bench: " in out, out
+    assert "ratio modelmake / offline: " in out
+    for client in ("vllm bench (to the servers)", "modelmake (through Traefik)", "direct (to the servers)"):
+        line = next((x for x in out.splitlines() if x.strip().startswith(client)), None)
+        assert line is not None and line.endswith("failed 0"), f"{client}: {line}"
 
 
 @pytest.mark.slow  # ~1 min: two trainings, each in its own process
@@ -138,3 +141,12 @@ def test_chaos_run_loses_duplicates_and_leaves_nothing(run_smoke):
     # mount -t tmpfs needs root and a container that allows mounts; where it cannot, the run says so
     if os.geteuid() == 0 and "fill_disk left out" not in out:
         assert figures["disk_full"], out
+
+
+@pytest.mark.slow  # ~2 min: eight trainings (each pipeline and its plain loop), each in its own process
+def test_bench_train_smoke_runs_every_pipeline_and_its_plain_loop(run_smoke):
+    out = run_smoke("bench_train.py", timeout=600)
+    for name in ("router", "arena", "selfplay", "distill"):
+        line = next((x for x in out.splitlines() if x.startswith(f"{name} training step (")), None)
+        assert line is not None, f"no line for {name}:\n{out}"
+        assert ": ratio " in line and "losses of every step agree: True" in line, line
