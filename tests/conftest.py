@@ -56,6 +56,14 @@ def write_config(workdir: Path, config: dict, name: str = "config.yaml") -> Path
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """The SLURM cluster tests run last. Once Debian's slurm-client is installed (their session
+    fixture installs it) and the cluster is down again, every Snakemake start waits ~10 s: the SLURM
+    executor plugin runs `scontrol show config` when it is imported (its --help text), and scontrol
+    retries the absent controller. Run last, that wait falls on no other test."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)  # stable: order kept
+
+
 def env() -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"

@@ -22,6 +22,9 @@ from test_pseudo_labels_workflow import N_LINES, assert_no_pool_process_left, id
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 SCRIPT = str(REPO / "scripts/slurm_cluster.sh")
+# The plugin's first status check comes 40 s after a submission and the next ones 10 s later each
+# time nothing finished: right for a real cluster, minutes of waiting for these seconds-long jobs.
+POLL = ("--slurm-init-seconds-before-status-checks", "1")
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +40,8 @@ def slurm_cluster():
 
 
 def slurm(workdir, *args, check=True):
-    return run_snakemake(workdir, "--profile", str(REPO / "profiles/slurm"), *args, check=check, timeout=1800)
+    return run_snakemake(workdir, "--profile", str(REPO / "profiles/slurm"), *POLL, *args, check=check,
+                         timeout=1800)
 
 
 def sha(path) -> str:
@@ -93,7 +97,7 @@ def test_scancel_mid_run_then_rerun_loses_and_duplicates_nothing(local_and_slurm
     cfg["models"]["teacher"] = {"path": str(cluster / "results/assets/models/tiny-llama")}
     write_config(tmp_path, cfg)
     journal = tmp_path / "results/pseudo_labels/chat_en/teacher/part0/.journal/shard0.jsonl"
-    run = Started(tmp_path, "--profile", str(REPO / "profiles/slurm"), "--retries", "0")
+    run = Started(tmp_path, "--profile", str(REPO / "profiles/slurm"), *POLL, "--retries", "0")
     try:
         wait_until(lambda: journal.exists() and len(journal.read_text().splitlines()) >= 5, 900,
                    what="the first generated records")
@@ -123,7 +127,7 @@ def run_snakefile(workdir, text: str, *args: str) -> subprocess.CompletedProcess
     """Run a small test Snakefile through the slurm profile."""
     (workdir / "Snakefile").write_text(text)
     cmd = [SNAKEMAKE, "-s", str(workdir / "Snakefile"), "--directory", str(workdir),
-           "--profile", str(REPO / "profiles/slurm"), *args]
+           "--profile", str(REPO / "profiles/slurm"), *POLL, *args]
     return subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True, timeout=600)
 
 
