@@ -17,7 +17,8 @@ the record out (a row ``{id, messages: null, dropped}``, counted, nothing reques
 
 Resume without loss or duplicates: every finished record (success or failure) is appended, with a
 fingerprint of the generation settings, to a journal beside the output
-(``<out dir>/.journal/<out name>``). A rerun reuses the journal's successful records whose id is in
+(``<out dir>/.journal/<out name>``; for a job of several records files, beside its output folder:
+:func:`output_plan`). A rerun reuses the journal's successful records whose id is in
 the shard, whose input turns are unchanged and whose fingerprint matches, and generates only the
 rest; the output is written atomically at the end, in shard order. Snakemake deletes the outputs
 of a failed group job, but not the journal, so even shards finished beside a failed one cost
