@@ -38,6 +38,7 @@ wildcard_constraints:
     name=r"[A-Za-z0-9_.-]+",
     part=r"\d+",
     shard=r"\d+",
+    group=r"\d+",
 
 
 def results(*parts):
@@ -185,26 +186,29 @@ def job_threads(kind):
 
 
 # --- serving pools and generation (pseudo-labels, arena response pairs, self-play)
-def pool_spec(role, model=None, servers=None, served_name=None):
-    """The serving pool of a model role (modelmake.serve.PoolSpec) as JSON: the serve section's
-    settings with the role's own (models.<role>.serve) over them.
+def generation_pool(role, where, pool=None, model=None, servers=None, served_name=None):
+    """The serving pool a generation job leases (params.pool of the generation rule: `modelmake generate
+    --pool`), as JSON: its spec (modelmake.serve.PoolSpec: the serve section's settings with the role's
+    own, models.<role>.serve, over them), its folder and log folder (serve/<pool>/<where>,
+    logs/serve/<pool>/<where>; a subfolder per host), and serve's ready and idle timeouts.
 
-    ``model``: serve this folder instead of the role's model (e.g. a model the workflow trains from
-    it); ``servers``: the pool's size instead of serve.servers_per_partition; ``served_name``: the
-    name clients ask for (default: the role).
+    ``pool``: the pool's name (default: the role); ``where``: which of its pools (e.g. "part{part}":
+    wildcards allowed); ``model``: serve this folder instead of the role's model (e.g. a model the
+    workflow trains from it); ``servers``: the pool's size instead of serve.servers_per_partition;
+    ``served_name``: the name clients ask for (default: the role). One param, not five: a job's
+    params and shell fields are what Snakemake spends its planning time on, per job.
     """
     s = role_serve(config, role)
     keys = ["max_model_len", "dtype", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
             "cpu_threads_per_server", "cpu_kvcache_gib", "vllm_args", "health_interval_s", "device_lock_dir"]
-    return as_json({
+    spec = {
         "model": model if model is not None else model_dir(role), "served_name": served_name or role,
         "servers": servers or s["servers_per_partition"], "seed": config["seed"], **{k: s[k] for k in keys},
-    })
-
-
-def pool_folder(pool, *part):
-    """Where a serving pool keeps its state (serve/<pool>/...) and its server logs (logs/serve/<pool>/...)."""
-    return {"pool_dir": results("serve", pool, *part), "pool_logs": log_path("serve", pool, *part)}
+    }
+    return as_json({"spec": spec, "folder": results("serve", pool or role, where),
+                    "logs": log_path("serve", pool or role, where),
+                    "ready_timeout_s": config["serve"]["ready_timeout_s"],
+                    "idle_timeout_s": config["serve"]["idle_timeout_s"]})
 
 
 def pool_gpus(role, servers=None):
@@ -250,7 +254,7 @@ def train_resources(kind, scale, processes=None):
 
 # rules/generate.smk holds the one generation rule, declared as a module: each pipeline reuses it under its own
 # name (`use rule generate from generation as ...`), giving input, output, log, resources and the
-# params records, settings, pool_spec, pool_dir and pool_logs.
+# params records, settings (generation_settings) and pool (generation_pool).
 module generation:
     snakefile:
         "generate.smk"

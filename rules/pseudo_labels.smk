@@ -26,20 +26,20 @@ rule shard:
         "--partitions {params.partitions} --shards {params.shards} > {log:q} 2>&1"
 
 
+# A job per shard, or per group of a partition's shards (pseudo_labels.shards_per_job: the output is
+# then the group's folder, a file per shard in it): rules/functions/pseudo_labels.smk.
 use rule generate from generation as generate_shard with:
     input:
         shards=data_path("{dataset}", "shards", PL["split"], "part{part}"),
         teacher=model_inputs(PL["teacher"]),
     output:
-        labels_path("{dataset}", "{teacher}", "part{part}", "shard{shard}.jsonl"),
+        pl_generated(),
     params:
-        # plain strings and wildcards (no input functions): planning 10,000 shards stays fast
-        records=data_path("{dataset}", "shards", PL["split"], "part{part}", "shard{shard}.jsonl"),
+        records=pl_generation_records(),
         settings=generation_settings("pseudo_labels", PL, model_source(PL["teacher"])),
-        pool_spec=pool_spec(PL["teacher"]),
-        **pool_folder(PL["teacher"], "part{part}"),
+        pool=generation_pool(PL["teacher"], "part{part}"),
     log:
-        log_path("generate", "{dataset}", "{teacher}", "part{part}", "shard{shard}.log"),
+        pl_generation_log(),
     wildcard_constraints:
         teacher=re.escape(PL["teacher"]),
     threads: job_threads("pseudo_labels.generate")
@@ -47,18 +47,14 @@ use rule generate from generation as generate_shard with:
         **job_resources(
             "pseudo_labels.generate",
             gpus=pool_gpus(PL["teacher"]),
-            runtime=config["serve"]["runtime_per_shard_min"],
+            runtime=config["serve"]["runtime_per_shard_min"] * PL_JOB_SHARDS,
         ),
 
 
 rule merge_pseudo_labels:
     """Merge every shard of a dataset into labels.parquet, with stats and a plot for the report."""
     input:
-        lambda w: [
-            labels_path(w.dataset, w.teacher, f"part{p}", f"shard{s}.jsonl")
-            for p in range(PL["partitions"])
-            for s in range(PL["shards_per_partition"])
-        ],
+        lambda w: pl_generated_files(w.dataset, w.teacher, range(PL["partitions"])),
     output:
         parquet=labels_path("{dataset}", "{teacher}", "labels.parquet"),
         stats=report_item(labels_path("{dataset}", "{teacher}", "stats.json"), "pseudo_labels_stats",

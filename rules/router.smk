@@ -45,9 +45,7 @@ if ROUTER_BUILD:
             settings=lambda w: generation_settings(
                 "router.build_labels.answers", ROUTER_BUILD["answers"], model_source(router_label_role(w.label_model))
             ),
-            pool_spec=lambda w: pool_spec(router_label_role(w.label_model), servers=ROUTER_BUILD["servers"]),
-            pool_dir=lambda w: pool_folder(router_label_role(w.label_model), "router")["pool_dir"],
-            pool_logs=lambda w: pool_folder(router_label_role(w.label_model), "router")["pool_logs"],
+            pool=lambda w: generation_pool(router_label_role(w.label_model), "router", servers=ROUTER_BUILD["servers"]),
         log:
             log_path("router", ROUTER["run"], "labels", "answer_{label_model}.log"),
         threads: job_threads("router.generate")
@@ -88,9 +86,7 @@ if ROUTER_BUILD:
         params:
             records=lambda w, input: input.records,
             settings=router_judge_settings(),
-            pool_spec=pool_spec(ROUTER_BUILD["judge"], servers=ROUTER_BUILD["servers"]),
-            pool_dir=pool_folder(ROUTER_BUILD["judge"], "router")["pool_dir"],
-            pool_logs=pool_folder(ROUTER_BUILD["judge"], "router")["pool_logs"],
+            pool=generation_pool(ROUTER_BUILD["judge"], "router", servers=ROUTER_BUILD["servers"]),
         log:
             log_path("router", ROUTER["run"], "labels", "judge.log"),
         threads: job_threads("router.generate")
@@ -126,9 +122,7 @@ if ROUTER_BUILD:
         params:
             records=lambda w, input: input.records,
             settings=router_judge_settings(retry=True),
-            pool_spec=pool_spec(ROUTER_BUILD["judge"], servers=ROUTER_BUILD["servers"]),
-            pool_dir=pool_folder(ROUTER_BUILD["judge"], "router")["pool_dir"],
-            pool_logs=pool_folder(ROUTER_BUILD["judge"], "router")["pool_logs"],
+            pool=generation_pool(ROUTER_BUILD["judge"], "router", servers=ROUTER_BUILD["servers"]),
         log:
             log_path("router", ROUTER["run"], "labels", "judge_retry.log"),
         threads: job_threads("router.generate")

@@ -61,11 +61,10 @@ use rule generate from generation as selfplay_generate with:
         records=sp_path("data", "{sppart}_fractions", "frac{frac}.jsonl"),
         settings=sp_generation_settings,
         # every iteration's model is served with the SFT model's settings (models.<sft_model>.serve)
-        pool_spec=lambda w: pool_spec(
-            SP["sft_model"], model=sp_start_model(int(w.it)), servers=SP["world_size"], served_name=sp_pool(int(w.it))
+        pool=lambda w: generation_pool(
+            SP["sft_model"], "part0", pool=sp_pool(int(w.it)), model=sp_start_model(int(w.it)),
+            servers=SP["world_size"], served_name=sp_pool(int(w.it)),
         ),
-        pool_dir=lambda w: pool_folder(sp_pool(int(w.it)), "part0")["pool_dir"],
-        pool_logs=lambda w: pool_folder(sp_pool(int(w.it)), "part0")["pool_logs"],
     log:
         log_path("selfplay", "iter{it}", "generate_{sppart}_frac{frac}.log"),
     threads: job_threads("selfplay.generate")

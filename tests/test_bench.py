@@ -98,11 +98,14 @@ def run_smoke():
     subprocess.run(["rm", "-rf", str(tmp)], check=False)
 
 
-@pytest.mark.slow  # ~40 s: eight snakemake runs
+@pytest.mark.slow  # ~45 s: thirteen snakemake runs
 def test_bench_dag_smoke_plans_and_prints_the_ratios(run_smoke):
     out = run_smoke("bench_dag.py", timeout=300)
     assert "ratio 10/2 shards: dry run x" in out, out
     assert "ratio modelmake / trivial Snakefile at 10 jobs: dry run x" in out
+    assert "ratio modelmake / trivial Snakefile with generate_shard's declarations: dry run x" in out
+    grouped = next(x for x in out.splitlines() if x.strip().startswith("modelmake, a job per partition"))
+    assert grouped.split()[5:7] == ["10", "2"], grouped  # 10 shards in 2 jobs
 
 
 @pytest.mark.slow  # ~2-3 min: three vLLM start-ups (the offline engine, then a pool of two servers behind Traefik)

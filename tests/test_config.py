@@ -285,6 +285,17 @@ def test_model_that_is_not_a_mapping_gets_one_clear_type_error(config):
     assert "valid under each of" not in msg  # no confusing second report from oneOf
 
 
+@pytest.mark.parametrize("value", [0, "partitions", 2.5])
+def test_shards_per_job_is_a_positive_count_or_partition_and_defaults_to_one(config, value):
+    from modelmake.config import validate
+
+    assert validate(copy.deepcopy(config))["pseudo_labels"]["shards_per_job"] == 1
+    config["pseudo_labels"]["shards_per_job"] = value
+    msg = problems(config)
+    assert f"pseudo_labels.shards_per_job: {value!r} matches none of the allowed forms" in msg
+    assert "'partition' was expected" in msg
+
+
 @pytest.mark.parametrize("value,expected", [
     ({"a": 1}, "is not of type 'array'"),
     ([], "should be non-empty"),

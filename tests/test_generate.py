@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -719,3 +720,126 @@ def test_the_default_fingerprint_is_the_one_journals_had_before_tool_turns():
     key = {"model": s.model, "teacher": s.teacher_source, "sampling": asdict(s.sampling),
            "max_conversation_tokens": s.max_conversation_tokens}
     assert s.fingerprint() == hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- several shards per job
+
+
+def write_shards(folder: Path, shards: dict[str, list[str]]) -> list[Path]:
+    """Shards named as the keys of ``shards``, each with the conversations of its ids."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_shard(folder / name, [{"id": i, "messages": conv(f"question {i}", f"original answer {i}")}
+                                        for i in ids]) for name, ids in shards.items()]
+
+
+@pytest.fixture
+def counted_lease(monkeypatch, fake_server):
+    """modelmake.serve.lease replaced by one that yields the fake server as a pool's proxy record and
+    counts how often a job leased it."""
+    leases = []
+
+    @contextlib.contextmanager
+    def lease(spec, folder, log_dir, *, ready_timeout_s, idle_s):
+        leases.append((spec.served_name, str(folder)))
+        yield {"url": fake_server.url, "api_key": "k3y", "model": spec.served_name}
+
+    import modelmake.serve
+
+    monkeypatch.setattr(modelmake.serve, "lease", lease)
+    return leases
+
+
+def generate_cli(records: list[Path], out: Path, tmp_path: Path) -> int:
+    """``python -m modelmake generate`` as the pseudo-label rule runs it (in this process)."""
+    from modelmake.cli import main
+
+    settings_json = {"config_key": "pseudo_labels", "teacher_source": {"path": str(tmp_path / "model")},
+                     "sampling": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 64, "seed": 3},
+                     "concurrency": 2, "retries": 0, "max_failure_share": 0.0}
+    pool = {"spec": {"model": str(tmp_path / "model"), "served_name": "teacher", "servers": 1},
+            "folder": str(tmp_path / "serve/teacher/part0"), "logs": str(tmp_path / "logs/serve/teacher/part0"),
+            "ready_timeout_s": 5, "idle_timeout_s": 1}
+    return main(["generate", *map(str, records), "--out", str(out), "--settings", json.dumps(settings_json),
+                 "--pool", json.dumps(pool)])
+
+
+def test_one_job_writes_several_shards_into_its_folder_through_one_lease_and_reruns_only_what_changed(
+        tmp_path, fake_server, counted_lease):
+    """pseudo_labels.shards_per_job: a job's shards, each its own file in the job's folder and its own
+    journal beside the folder (where a job per shard keeps it), leased once; a rerun after Snakemake
+    deleted the folder regenerates only the record whose input changed, and nothing at all (no lease)
+    when nothing did."""
+    shards = write_shards(tmp_path / "data/part0", {"shard0.jsonl": ["a", "b"], "shard1.jsonl": ["c"],
+                                                    "shard2.jsonl": ["d", "e"]})
+    group = tmp_path / "labels/part0/group0"
+
+    assert generate_cli(shards, group, tmp_path) == 0
+
+    assert len(counted_lease) == 1 and len(fake_server.requests) == 5
+    for shard, ids in zip(shards, (["a", "b"], ["c"], ["d", "e"])):
+        out = group / shard.name
+        assert [r["id"] for r in read_rows(out)] == ids
+        assert [r["id"] for r in read_rows(tmp_path / "labels/part0/.journal" / shard.name)] == ids
+        provenance = json.loads((group / f"{shard.name}.provenance.json").read_text())
+        assert provenance["counts"]["generated"] == len(ids)
+    first = {s.name: (group / s.name).read_text() for s in shards}
+
+    # e's question is edited; Snakemake deletes a job's folder output before rerunning it
+    write_shards(tmp_path / "data/part0", {"shard2.jsonl": ["d"]})
+    with open(shards[2], "a", encoding="utf-8") as f:
+        f.write(dumps({"id": "e", "messages": conv("an edited question e", "x")}) + "\n")
+    shutil.rmtree(group)
+    fake_server.requests.clear()
+
+    assert generate_cli(shards, group, tmp_path) == 0
+
+    assert [b["messages"][0]["content"] for b in fake_server.requests] == ["an edited question e"]
+    assert len(counted_lease) == 2
+    assert all((group / s.name).read_text() == first[s.name] for s in shards[:2])
+    assert read_rows(group / "shard2.jsonl")[1]["messages"][-1]["content"] == "echo:an edited question e"
+
+    shutil.rmtree(group)
+    fake_server.requests.clear()
+    assert generate_cli(shards, group, tmp_path) == 0
+    assert len(counted_lease) == 2 and not fake_server.requests  # all journalled: no lease, no request
+
+
+def test_a_job_stops_at_its_first_failing_shard_and_its_rerun_generates_only_what_is_missing(
+        tmp_path, fake_server):
+    from modelmake.generate import generate_files
+
+    shards = write_shards(tmp_path / "data", {"shard0.jsonl": ["a"], "shard1.jsonl": ["b", "c"],
+                                              "shard2.jsonl": ["d"]})
+    write_shard(shards[1], [{"id": "b", "messages": conv("question b", "x")},
+                            {"id": "c", "messages": conv("question c BAD", "x")}])
+    fake_server.bad_marker = "BAD"
+    group = tmp_path / "labels/group0"
+
+    with pytest.raises(GenerationError, match=f"1 of 2 records of {shards[1]} failed"):
+        generate_files(shards, group, fake_server.factory(), settings(), tmp_path / "model",
+                       show_progress=False)
+
+    assert (group / "shard0.jsonl").exists() and not (group / "shard1.jsonl").exists()
+    assert not fake_server.requests_containing("question d")  # the job stopped before shard2
+    fake_server.bad_marker = None
+    fake_server.requests.clear()
+
+    counts = generate_files(shards, group, fake_server.factory(), settings(), tmp_path / "model",
+                            show_progress=False)
+
+    requested = sorted(b["messages"][0]["content"] for b in fake_server.requests)
+    assert requested == ["question c BAD", "question d"]
+    assert [c["reused"] for c in counts] == [1, 1, 0]
+
+
+def test_several_records_files_want_a_folder_with_distinct_names():
+    from modelmake.generate import output_plan
+
+    assert output_plan(["d/shard0.jsonl"], "l/shard0.jsonl") == [
+        (Path("d/shard0.jsonl"), Path("l/shard0.jsonl"), Path("l/.journal/shard0.jsonl"))]
+    assert output_plan(["d/shard0.jsonl"], "l/group3") == [
+        (Path("d/shard0.jsonl"), Path("l/group3/shard0.jsonl"), Path("l/.journal/shard0.jsonl"))]
+    with pytest.raises(UserError, match="--out l/x.jsonl is a file, for one records file; 2 were given"):
+        output_plan(["d/a.jsonl", "d/b.jsonl"], "l/x.jsonl")
+    with pytest.raises(UserError, match="two records files are named a.jsonl"):
+        output_plan(["d/a.jsonl", "e/a.jsonl"], "l/group0")

@@ -207,6 +207,40 @@ def test_rerun_after_kill_loses_and_duplicates_nothing(built):
     assert reused >= built["at_kill"] - 1  # at most a torn last line is regenerated
 
 
+def test_a_job_per_partition_reuses_the_journals_of_a_job_per_shard_and_starts_no_server(built, tmp_path):
+    """pseudo_labels.shards_per_job: partition on a copy of the finished build: each partition's one
+    job finds every shard's answers in the journals the shard jobs left (part0/.journal), so it leases
+    no pool and writes each shard's file as the shard job did, byte for byte; the labels are unchanged."""
+    import shutil
+
+    import pandas as pd
+
+    wd = tmp_path / "pl"
+    # results/ alone (Snakemake's records in .snakemake name the old paths), without the pool folders,
+    # so that a lease would show
+    shutil.copytree(built["wd"] / "results", wd / "results",
+                    ignore=lambda d, names: ["serve"] if Path(d).name in ("results", "logs") else [])
+    cfg = {**built["cfg"], "results": str(wd / "results"),
+           "pseudo_labels": {**built["cfg"]["pseudo_labels"], "shards_per_job": "partition"}}
+    write_config(wd, cfg)
+
+    # the merge's changed inputs mark it stale in its folder (Snakemake's records of them); here they
+    # name the original folder's paths, so the merge is asked for
+    out = run_snakemake(wd, "--forcerun", "merge_pseudo_labels").stdout
+
+    assert jobs_planned(out) == {"generate_shard": 3, "merge_pseudo_labels": 3, "all": 1}
+    assert not (wd / "results/serve").exists() and not (wd / "results/logs/serve").exists()
+    for name in ("chat_en", "chat_zh", "chat_tools"):
+        before, after = (w / f"results/pseudo_labels/{name}/teacher" for w in (built["wd"], wd))
+        for s in (0, 1):
+            written = (after / f"part0/group0/shard{s}.jsonl").read_bytes()
+            assert written == (before / f"part0/shard{s}.jsonl").read_bytes()
+        log = (wd / f"results/logs/generate/{name}/teacher/part0/group0.log").read_text()
+        assert log.count(", 0 to generate") == 2, log
+        merged = [pd.read_parquet(d / "labels.parquet").drop(columns="shard") for d in (before, after)]
+        pd.testing.assert_frame_equal(*merged)
+
+
 def test_no_server_or_proxy_outlives_a_run(built):
     assert_no_pool_process_left(built["wd"])
     left = {p.name for p in pool_folder(built["wd"]).iterdir()}

@@ -99,6 +99,39 @@ def test_partition_subset_builds_only_those_partitions(tmp_path):
     assert "part0" not in out and "part2" not in out
 
 
+def test_shards_per_job_plans_a_job_per_group_of_a_partitions_shards_each_owning_their_files(tmp_path):
+    """pseudo_labels.shards_per_job: N shards of a partition per generation job (the last group may be
+    smaller), or a whole partition: the job's output is its group's folder, it is given every shard
+    of its group, asks for their runtime, and the merge reads the folders."""
+    labels = tmp_path / "results/pseudo_labels/chat_en/teacher"
+    shards = tmp_path / "results/data/chat_en/shards/train"
+    cfg = small_config(tmp_path, **{"pseudo_labels.partitions": 2, "pseudo_labels.shards_per_partition": 5,
+                                    "pseudo_labels.shards_per_job": 2})
+    write_config(tmp_path, cfg)
+    out = run_snakemake(tmp_path, "-n", "-p", str(labels / "labels.parquet")).stdout
+    assert jobs_planned(out)["generate_shard"] == 2 * 3  # partitions x groups of 2, 2 and 1 shards
+    commands = re.findall(r"python -m modelmake generate (.*?) --out (\S+) ", out)
+    groups = {(p, g): [str(shards / f"part{p}/shard{s}.jsonl") for s in range(2 * g, min(5, 2 * g + 2))]
+              for p in range(2) for g in range(3)}
+    assert sorted(commands) == sorted((" ".join(records), str(labels / f"part{p}/group{g}"))
+                                      for (p, g), records in groups.items())
+    outputs = re.findall(r"^\s+output: (.*)$", out.split("rule merge_pseudo_labels")[0], re.M)
+    assert sorted(outputs)[-6:] == sorted(str(labels / f"part{p}/group{g}") for p, g in groups)
+    merge = out.split("rule merge_pseudo_labels:")[1].split("\n\n")[0]
+    assert re.search(r"input: (.*)", merge)[1].split(", ") == [str(labels / f"part{p}/group{g}") for p, g in groups]
+    jobs = [j for j in planned_jobs(out) if j["rule"] == "generate_shard"]
+    assert {j["resources"]["runtime"] for j in jobs} == {2 * cfg["serve"]["runtime_per_shard_min"]}
+
+    cfg["pseudo_labels"]["shards_per_job"] = "partition"
+    cfg["pseudo_labels"]["build_partitions"] = [1]  # this machine's partition: its folder is the target
+    write_config(tmp_path, cfg)
+    out = run_snakemake(tmp_path, "-n", "-p").stdout
+    assert jobs_planned(out)["generate_shard"] == 2  # chat_en's and chat_zh's partition 1
+    assert (" ".join(str(shards / f"part1/shard{s}.jsonl") for s in range(5)), str(labels / "part1/group0")) in (
+        re.findall(r"python -m modelmake generate (.*?) --out (\S+) ", out))
+    assert "merge_pseudo_labels" not in jobs_planned(out)
+
+
 def test_bad_config_is_reported_with_key_path_before_any_job(tmp_path):
     cfg = small_config(tmp_path)
     cfg["serve"]["max_model_len"] = "big"
@@ -185,7 +218,7 @@ def test_built_labels_chain_prompts_answers_grades_into_router_data(tmp_path):
     # one pool per role: the weak and the strong model answer, the judge grades (first replies and retries)
     for role in ("router_weak", "router_strong", "router_judge"):
         assert f"serve/{role}/router" in out
-    assert out.count("serve/router_judge/router --pool-logs") == 2
+    assert out.count(f'"folder":"{tmp_path}/results/serve/router_judge/router"') == 2
     assert '"structured_outputs":{"choice":["Rating: [[1]]",' in out
     assert "router-data " + str(tmp_path / "results/router/built/labels/scored_prompts.jsonl") in out
     assert '"strong":"router_strong","weak":"router_weak"' in out  # router.scores named by the roles

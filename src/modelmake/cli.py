@@ -68,26 +68,25 @@ def cmd_serve(a) -> None:
 def cmd_generate(a) -> None:
     import socket
 
-    import time
-
-    from modelmake.generate import GenerateSettings, generate_shard, served_model_source, write_generation_provenance
+    from modelmake.config import default
+    from modelmake.generate import GenerateSettings, generate_files, served_model_source
     from modelmake.serve import PoolSpec, lease
 
-    spec = PoolSpec(**json.loads(a.pool_spec))
+    pool = json.loads(a.pool)
+    spec = PoolSpec(**pool["spec"])
     opts = json.loads(a.settings)
     opts["teacher_source"] = served_model_source(opts.get("teacher_source"), spec.model)
     host = socket.gethostname()  # one pool per partition and host: leases are local processes
+    ready = pool.get("ready_timeout_s", default("serve.ready_timeout_s"))
+    idle = pool.get("idle_timeout_s", default("serve.idle_timeout_s"))
 
     @contextlib.contextmanager
     def server():
-        with lease(spec, Path(a.pool_folder) / host, Path(a.pool_logs) / host,
-                   ready_timeout_s=a.ready_timeout, idle_s=a.idle_timeout) as proxy:
+        with lease(spec, Path(pool["folder"]) / host, Path(pool["logs"]) / host,
+                   ready_timeout_s=ready, idle_s=idle) as proxy:
             yield proxy  # its url and api_key
 
-    settings = GenerateSettings.from_dict(spec.served_name, opts)
-    started = time.time()
-    counts = generate_shard(a.shard, a.out, server, settings)
-    write_generation_provenance(a.out, a.shard, spec.model, settings, counts, started)
+    generate_files(a.records, a.out, server, GenerateSettings.from_dict(spec.served_name, opts), spec.model)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -141,16 +140,16 @@ def parser() -> argparse.ArgumentParser:
                    help="stop after this long without a lease")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("generate", help="generate the assistant turns of a jsonl of conversations")
-    p.add_argument("shard")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("generate", help="generate the assistant turns of jsonl files of conversations")
+    p.add_argument("records", nargs="+", help="jsonl files of conversations, generated one after another")
+    p.add_argument("--out", required=True,
+                   help="the output file (*.jsonl) of the one records file, or a folder (any other name) "
+                        "that receives a file per records file, named as it")
     p.add_argument("--settings", required=True,
                    help="JSON of GenerateSettings less the model; config_key: the caller's config section")
-    p.add_argument("--pool-spec", required=True, help="JSON of modelmake.serve.PoolSpec")
-    p.add_argument("--pool-folder", required=True, help="the pool's folder (a subfolder per host)")
-    p.add_argument("--pool-logs", required=True, help="the pool's log folder (a subfolder per host)")
-    p.add_argument("--ready-timeout", type=float, default=default("serve.ready_timeout_s"))
-    p.add_argument("--idle-timeout", type=float, default=default("serve.idle_timeout_s"))
+    p.add_argument("--pool", required=True,
+                   help="JSON of the pool to lease: spec (modelmake.serve.PoolSpec), folder and logs (a "
+                        "subfolder of each per host), ready_timeout_s, idle_timeout_s")
     p.set_defaults(func=cmd_generate)
 
     # Each pipeline package adds its own subcommands (modelmake.<pipeline>.cli.add_commands), so

@@ -83,13 +83,19 @@ def _with_defaults(schema: dict, value: Any, root: dict) -> Any:
     return value
 
 
-@functools.cache
 def schema() -> dict:
     """schemas/config.schema.yaml, read once. The one source of every setting's default: the library
     asks :func:`default`, :func:`defaults` and :func:`fill_defaults` instead of keeping values of its own."""
+    return _read_schema(SCHEMA)
+
+
+@functools.cache
+def _read_schema(path: Path) -> dict:
+    """A schema file, parsed once, with libyaml where PyYAML has it (the pure-Python parser takes a
+    tenth of a second of every Snakemake start for this file). Callers do not change it."""
     import yaml
 
-    return yaml.load(SCHEMA.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def schema_at(where: str) -> dict:
@@ -218,9 +224,8 @@ def _non_finite(value: Any, at: tuple = ()):
 def validate(config: dict, schema_path: str | Path = SCHEMA, check_paths: bool = True) -> dict:
     """Return the config with defaults filled in, or raise ConfigError listing every problem."""
     import jsonschema
-    import yaml
 
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    schema = _read_schema(Path(schema_path))
     validator = jsonschema.Draft202012Validator(schema)
     problems = []
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):

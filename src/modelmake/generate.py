@@ -17,7 +17,8 @@ the record out (a row ``{id, messages: null, dropped}``, counted, nothing reques
 
 Resume without loss or duplicates: every finished record (success or failure) is appended, with a
 fingerprint of the generation settings, to a journal beside the output
-(``<out dir>/.journal/<out name>``). A rerun reuses the journal's successful records whose id is in
+(``<out dir>/.journal/<out name>``; for a job of several records files, beside its output folder:
+:func:`output_plan`). A rerun reuses the journal's successful records whose id is in
 the shard, whose input turns are unchanged and whose fingerprint matches, and generates only the
 rest; the output is written atomically at the end, in shard order. Snakemake deletes the outputs
 of a failed group job, but not the journal, so even shards finished beside a failed one cost
@@ -32,6 +33,7 @@ on this host) and sends the pool's API key (``proxy.ready``'s ``api_key``) with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,7 +44,7 @@ from pathlib import Path
 
 from modelmake.chat import is_tool_call, plain_messages
 from modelmake.config import schema_field
-from modelmake.errors import GenerationError, RecordError
+from modelmake.errors import GenerationError, RecordError, UserError
 from modelmake.files import atomic_open, dumps, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,67 @@ class RequestFailed(Exception):
 
 def journal_path(out: Path) -> Path:
     return out.parent / ".journal" / out.name
+
+
+def output_plan(records: list[str | Path], out: str | Path) -> list[tuple[Path, Path, Path]]:
+    """(records file, output file, journal) of each records file given to ``modelmake generate``.
+
+    ``out`` named ``*.jsonl`` is the output file of the one records file, journaled in
+    ``<out dir>/.journal/<out name>``. Any other ``out`` is a folder that receives a file per records
+    file, named as it; their journals sit beside the folder, in ``<folder's parent>/.journal/<name>``:
+    Snakemake deletes a folder output before its job runs and after it fails, and the journal must
+    outlive both. (A pseudo-label group folder ``part{p}/group{g}`` so shares its shards' journals,
+    ``part{p}/.journal/shard{s}.jsonl``, with one-shard-per-job runs.)
+    """
+    records, out = [Path(r) for r in records], Path(out)
+    if out.suffix == ".jsonl":
+        if len(records) != 1:
+            raise UserError(f"--out {out} is a file, for one records file; {len(records)} were given. "
+                            f"Give a folder (a name not ending in .jsonl) to write a file per records file")
+        return [(records[0], out, journal_path(out))]
+    names: dict[str, Path] = {}
+    for r in records:
+        if r.name in names:
+            raise UserError(f"two records files are named {r.name} ({names[r.name]} and {r}): each one's "
+                            f"output in the folder {out} is named as it. Rename one, or generate them apart")
+        names[r.name] = r
+    return [(r, out / r.name, out.parent / ".journal" / r.name) for r in records]
+
+
+@contextlib.contextmanager
+def shared_server(server):
+    """A server factory like ``server`` (see generate_shard) that enters it on first use only and keeps
+    it until this block ends: the shards of one job share one pool lease, and a job whose every shard
+    is journalled starts none."""
+    with contextlib.ExitStack() as stack:
+        held: list = []
+
+        @contextlib.contextmanager
+        def once():
+            if not held:
+                held.append(stack.enter_context(server()))
+            yield held[0]
+
+        yield once
+
+
+def generate_files(records: list[str | Path], out: str | Path, server, settings: GenerateSettings,
+                   model_folder: str | Path, show_progress=True) -> list[dict]:
+    """``modelmake generate``: every records file into its output (``output_plan``), one after another
+    through one lease of ``server``, each resumed from its own journal and given its provenance; the
+    counts of each. The first file that fails (``GenerationError``) stops the job; the files done
+    before it are written, and every finished record is journalled."""
+    plan = output_plan(records, out)
+    if plan[0][1] != Path(out):  # a folder of outputs
+        Path(out).mkdir(parents=True, exist_ok=True)
+    counts = []
+    with shared_server(server) as once:
+        for rec, dest, journal in plan:
+            started = time.time()
+            c = generate_shard(rec, dest, once, settings, show_progress=show_progress, journal=journal)
+            write_generation_provenance(dest, rec, model_folder, settings, c, started)
+            counts.append(c)
+    return counts
 
 
 def targets(messages: list[dict], regenerate: str = "assistant") -> list[int]:
@@ -302,10 +365,11 @@ async def generate_records(
 
 
 def generate_shard(
-    shard: str | Path, out: str | Path, server, settings: GenerateSettings, show_progress=True
+    shard: str | Path, out: str | Path, server, settings: GenerateSettings, show_progress=True,
+    journal: str | Path | None = None,
 ) -> dict:
     """Generate one jsonl file of conversations (a shard) into ``out`` (jsonl), resuming from its
-    journal; return the counts.
+    journal (``journal``; default ``journal_path(out)``); return the counts.
 
     ``server`` is a context manager factory yielding the server's base URL, or the pool's proxy
     record (``url`` and ``api_key``); it is entered only when something is left to generate (a
@@ -333,7 +397,7 @@ def generate_shard(
                              "dropped": reason.format(role=r["messages"][-1]["role"])}
                    for r in records if awaits_reply(r["messages"])}
         records = [r for r in records if r["id"] not in dropped]
-    jpath = journal_path(out)
+    jpath = Path(journal) if journal is not None else journal_path(out)
     jpath.parent.mkdir(parents=True, exist_ok=True)
     fp = settings.fingerprint()
     done = load_journal(jpath, {r["id"]: input_digest(r["messages"], settings.regenerate) for r in records}, fp)
@@ -360,9 +424,9 @@ def generate_shard(
 
     ok = 0
     if todo:
-        with server() as where, open(jpath, "a", encoding="utf-8") as journal:
+        with server() as where, open(jpath, "a", encoding="utf-8") as appended:
             base_url, key = (where["url"], where.get("api_key")) if isinstance(where, dict) else (where, None)
-            ok, _ = asyncio.run(generate_records(todo, base_url, settings, journal, progress, api_key=key))
+            ok, _ = asyncio.run(generate_records(todo, base_url, settings, appended, progress, api_key=key))
     bar.close()
 
     total_failed = sum("error" in r for r in results.values())

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 from modelmake.chat import messages_type
 from modelmake.files import provenance_record, pyplot, read_jsonl, save_figure, write_json, write_parquet
+
+SHARD_FILE = re.compile(r"shard(\d+)\.jsonl")
 
 
 def merge_shards(
@@ -14,6 +17,9 @@ def merge_shards(
     *, config: dict,
 ) -> dict:
     """Successful records of every shard -> parquet (id, messages, teacher, tokens, source shard).
+
+    ``shards``: shard files, or folders of them (a generation job of several shards writes its group's
+    folder ``part{p}/group{g}``: its ``shard<N>.jsonl`` files are read in shard order).
 
     Failed records and dropped ones (``pseudo_labels.ending_user_turn: drop``) are counted in the
     stats, not written. The parquet's schema metadata holds the
@@ -23,6 +29,7 @@ def merge_shards(
     import pyarrow as pa
 
     started = time.time()
+    shards = [str(p) for p in shard_files(shards)]
     rows, failed, dropped, per_shard = [], 0, 0, []
     for path in map(str, shards):
         recs = read_jsonl(path)
@@ -62,6 +69,18 @@ def merge_shards(
     write_json(stats_path, stats)
     plot_lengths(tokens, per_shard, plot_path)
     return stats
+
+
+def shard_files(paths: list[str | Path]) -> list[Path]:
+    """``paths`` with each folder replaced by its shard files (``shard<N>.jsonl``, by N)."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = [(int(m[1]), f) for f in p.iterdir() if (m := SHARD_FILE.fullmatch(f.name))]
+            out += [f for _, f in sorted(found)]
+        else:
+            out.append(p)
+    return out
 
 
 def plot_lengths(tokens: list[int], per_shard: list[dict], path: str | Path) -> None:
