@@ -15,10 +15,6 @@ rule generate:
     """
     output:
         "generated.jsonl",
-    # Generation first among the jobs ready to run: the consumers of one pool then run back to back
-    # and share its start-up, rather than one waiting behind other work until the pool has stopped
-    # (serve.idle_timeout_s) and starting it again.
-    priority: 1
     log:
         "generate.log",
     conda:
