@@ -15,12 +15,12 @@ For every pipeline of --pipelines, on the demo's base (tiny-llama) and the demo'
 
 Both sides start from the same weights and step on the same batches: the pipeline's process records
 them (the weights when training starts, every batch its trainer steps on; distillation's batches
-are its seeded ``Batches``) and the plain process replays them; their first-step losses must agree.
-Measured: tokens/s, non-padding tokens of the batches over the seconds from the first step's start
-to the last step's end (model loading, tokenisation, data loader set-up, evaluation, checkpoints and
-the model folder excluded; distillation: its own ``timing.json`` step time), each side in a process
-of its own with --threads torch threads, rounds interleaved, median. Issue 17's target: the
-pipeline >= 0.8 of the plain loop's tokens/s.
+are its seeded ``Batches``) and the plain process replays them; their losses must agree step by step.
+Measured: tokens/s, non-padding tokens of the batches over the seconds of steps 2..N, each step timed
+from the previous step's end (model loading, tokenisation, data loader set-up, evaluation,
+checkpoints and the model folder excluded; distillation: the step timestamps of its trainer log),
+each side in a process of its own with --threads torch threads, rounds interleaved, the best time
+of the rounds per step. Issue 17's target: the pipeline >= 0.8 of the plain loop's tokens/s.
 
 Inputs: the demo's tiny-llama under --assets (build it first:
 snakemake --cores all results/assets/models/tiny-llama); each pipeline's data is built in a

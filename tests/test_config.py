@@ -296,6 +296,18 @@ def test_shards_per_job_is_a_positive_count_or_partition_and_defaults_to_one(con
     assert "'partition' was expected" in msg
 
 
+def test_a_job_names_at_most_a_thousand_shards_on_its_command_line(config):
+    from modelmake.config import validate
+
+    config["pseudo_labels"].update(shards_per_partition=5000, shards_per_job=1000)
+    validate(copy.deepcopy(config))
+    config["pseudo_labels"]["shards_per_job"] = "partition"
+    assert ("pseudo_labels.shards_per_job: 5000 shards in one job; at most 1000 (the job's command line names "
+            "each shard file") in problems(copy.deepcopy(config))
+    config["pseudo_labels"].update(shards_per_partition=1000)
+    validate(copy.deepcopy(config))
+
+
 @pytest.mark.parametrize("value,expected", [
     ({"a": 1}, "is not of type 'array'"),
     ([], "should be non-empty"),

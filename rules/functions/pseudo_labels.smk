@@ -63,7 +63,7 @@ def pl_generated_files(dataset, teacher, parts):
 
 
 def pseudo_label_targets():
-    """The merged datasets when every partition is built here; else this machine's shards."""
+    """The merged datasets when every partition is built here; else this machine's shard files or group folders."""
     if PL["build_partitions"] is None:
         return [labels_path(d, PL["teacher"], "labels.parquet") for d in PL["datasets"]]
     return [f for d in PL["datasets"] for f in pl_generated_files(d, PL["teacher"], pl_partitions())]

@@ -342,6 +342,11 @@ def _report(problems: list[str], schema_path) -> str:
     return f"config.yaml does not match {schema_path}:\n{lines}\nFix these keys and run again."
 
 
+# A grouped generation job names each of its shard files on its command line, which Snakemake runs
+# as one `bash -c` argument (Linux: 128 KiB); 1,000 absolute paths of ~100 bytes stay well inside.
+MAX_SHARDS_PER_JOB = 1000
+
+
 def _cross_checks(c: dict) -> list[str]:
     """What the schema's annotations cannot say: constraints between values of different keys.
     (References to keys of other sections are x-ref annotations; paths that must exist, x-path.)"""
@@ -353,6 +358,12 @@ def _cross_checks(c: dict) -> list[str]:
         for i, p in enumerate(pl.get("build_partitions") or []):
             if p >= pl["partitions"]:
                 out.append(f"pseudo_labels.build_partitions[{i}]: {p} is not below partitions={pl['partitions']}")
+        per_job = pl.get("shards_per_job", 1)
+        per_job = pl["shards_per_partition"] if per_job == "partition" else min(per_job, pl["shards_per_partition"])
+        if per_job > MAX_SHARDS_PER_JOB:
+            out.append(f"pseudo_labels.shards_per_job: {per_job} shards in one job; at most {MAX_SHARDS_PER_JOB} "
+                       f"(the job's command line names each shard file, and Linux caps one argument at 128 KiB): "
+                       f"give shards_per_job: {MAX_SHARDS_PER_JOB} or fewer shards_per_partition")
     for key, roles in generating_roles(c).items():
         budget = _lookup(c, key.split("."))["max_conversation_tokens"]
         for role in roles:

@@ -97,7 +97,9 @@ def plot_lengths(tokens: list[int], per_shard: list[dict], path: str | Path) -> 
     b.set_xlabel("shard")
     b.set_ylabel("records")
     if len(per_shard) <= 32:
-        names = ["/".join(Path(s["shard"]).with_suffix("").parts[-2:]) for s in per_shard]
+        # part{p}/shard{s}, also for a job per group (part{p}/group{g}/shard{s}: the group left out)
+        names = ["/".join([p for p in Path(s["shard"]).with_suffix("").parts[-3:] if not p.startswith("group")][-2:])
+                 for s in per_shard]
         b.set_xticks(range(len(per_shard)), names, rotation=90 if len(per_shard) > 8 else 0, fontsize=8)
     b.set_ylim(0, max([s["records"] for s in per_shard] + [1]) * 1.25)
     b.legend(loc="upper right", ncols=2)
