@@ -779,7 +779,8 @@ def test_one_job_writes_several_shards_into_its_folder_through_one_lease_and_rer
     for shard, ids in zip(shards, (["a", "b"], ["c"], ["d", "e"])):
         out = group / shard.name
         assert [r["id"] for r in read_rows(out)] == ids
-        assert [r["id"] for r in read_rows(tmp_path / "labels/part0/.journal" / shard.name)] == ids
+        # the journal is in the order answers came back (requests run concurrently), the shard in input order
+        assert sorted(r["id"] for r in read_rows(tmp_path / "labels/part0/.journal" / shard.name)) == ids
         provenance = json.loads((group / f"{shard.name}.provenance.json").read_text())
         assert provenance["counts"]["generated"] == len(ids)
     first = {s.name: (group / s.name).read_text() for s in shards}
