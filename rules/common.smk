@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from snakemake.exceptions import WorkflowError  # noqa: E402
 
-from modelmake.config import PIPELINES, parse_built, role_serve, validate  # noqa: E402
+from modelmake.config import PIPELINES, job_shards, parse_built, role_serve, validate  # noqa: E402
 from modelmake.errors import ConfigError  # noqa: E402
 from modelmake.launch import launch_command, scale_resources, world_size  # noqa: E402
 from modelmake.records import is_hub  # noqa: E402

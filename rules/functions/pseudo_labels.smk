@@ -23,8 +23,7 @@ def pl_partitions():
 # shards, which writes the folder part{p}/group{g} with a file per shard. A job's shards share one
 # pool lease; each shard keeps its journal in part{p}/.journal/ either way (modelmake.generate.output_plan).
 PL_GROUPED = PL["shards_per_job"] != 1
-PL_JOB_SHARDS = PL["shards_per_partition"] if PL["shards_per_job"] == "partition" else min(
-    PL["shards_per_job"], PL["shards_per_partition"])
+PL_JOB_SHARDS = job_shards(PL)
 
 
 def pl_group_shards(group):

