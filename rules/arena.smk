@@ -83,7 +83,7 @@ use rule generate from generation as arena_generate with:
     params:
         records=lambda w, input: input.prompts,
         settings=lambda w: generation_settings("arena.response_pairs", AR["response_pairs"], model_source(w.generator)),
-        pool=lambda w: generation_pool(w.generator, "arena", servers=AR["response_pairs"]["servers"]),
+        pool=lambda w: generation_pool(w.generator, servers=AR["response_pairs"]["servers"]),
     log:
         log_path("arena", "generate", "{generator}.log"),
     threads: job_threads("arena.generate")

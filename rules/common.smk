@@ -1,5 +1,6 @@
 # Shared wiring: config validation, the results layout, model references, serving pools and the one
 # generation rule every pipeline reuses. Each pipeline's own helpers sit at the top of its rule file.
+import hashlib
 import json
 import re
 import shlex
@@ -186,28 +187,35 @@ def job_threads(kind):
 
 
 # --- serving pools and generation (pseudo-labels, arena response pairs, self-play)
-def generation_pool(role, where, pool=None, model=None, servers=None, served_name=None):
+def generation_pool(role, where="part0", model=None, servers=None, name=None, label=None):
     """The serving pool a generation job leases (params.pool of the generation rule: `modelmake generate
     --pool`), as JSON: its spec (modelmake.serve.PoolSpec: the serve section's settings with the role's
-    own, models.<role>.serve, over them), its folder and log folder (serve/<pool>/<where>,
-    logs/serve/<pool>/<where>; a subfolder per host), and serve's ready and idle timeouts.
+    own, models.<role>.serve, over them), its folder and log folder, serve's ready and idle timeouts,
+    and the label the generated records give the model.
 
-    ``pool``: the pool's name (default: the role); ``where``: which of its pools (e.g. "part{part}":
-    wildcards allowed); ``model``: serve this folder instead of the role's model (e.g. a model the
-    workflow trains from it); ``servers``: the pool's size instead of serve.servers_per_partition;
-    ``served_name``: the name clients ask for (default: the role). One param, not five: a job's
-    params and shell fields are what Snakemake spends its planning time on, per job.
+    A pool is one model served one way, named by both: serve/<name>-<hash of the spec>/<where> (logs
+    likewise; a subfolder per host, and per allocation under SLURM). So every generation job that
+    serves the same model with the same settings joins one pool, whichever pipeline it belongs to:
+    the demo's pseudo-label teacher, arena generator arena_a and self-play's first iteration all serve
+    tiny-llama from one pool. Settings that differ (a role's own serve keys, the pool's size) make
+    another pool.
+
+    ``where``: which of the model's pools (pseudo-labels: one per partition, "part{part}", wildcards
+    allowed); ``model``: serve this folder instead of the role's (a model the workflow trains from it);
+    ``servers``: the pool's size instead of serve.servers_per_partition; ``name``: the pool's and the
+    served model's name (default: the model folder's, e.g. tiny-llama); ``label``: what the
+    records call the model (default: the role). One param, not several: a job's params and shell
+    fields are what Snakemake spends its planning time on, per job.
     """
     s = role_serve(config, role)
     keys = ["max_model_len", "dtype", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
             "cpu_threads_per_server", "cpu_kvcache_gib", "vllm_args", "health_interval_s", "device_lock_dir"]
-    spec = {
-        "model": model if model is not None else model_dir(role), "served_name": served_name or role,
-        "servers": servers or s["servers_per_partition"], "seed": config["seed"], **{k: s[k] for k in keys},
-    }
-    return as_json({"spec": spec, "folder": results("serve", pool or role, where),
-                    "logs": log_path("serve", pool or role, where),
-                    "ready_timeout_s": config["serve"]["ready_timeout_s"],
+    folder = model if model is not None else model_dir(role)
+    spec = {"model": folder, "served_name": name or Path(folder).name, "servers": servers or s["servers_per_partition"],
+            "seed": config["seed"], **{k: s[k] for k in keys}}
+    pool = f"{spec['served_name']}-{hashlib.sha256(as_json(spec).encode()).hexdigest()[:8]}"
+    return as_json({"spec": spec, "folder": results("serve", pool, where), "logs": log_path("serve", pool, where),
+                    "label": label or role, "ready_timeout_s": config["serve"]["ready_timeout_s"],
                     "idle_timeout_s": config["serve"]["idle_timeout_s"]})
 
 

@@ -45,7 +45,7 @@ if ROUTER_BUILD:
             settings=lambda w: generation_settings(
                 "router.build_labels.answers", ROUTER_BUILD["answers"], model_source(router_label_role(w.label_model))
             ),
-            pool=lambda w: generation_pool(router_label_role(w.label_model), "router", servers=ROUTER_BUILD["servers"]),
+            pool=lambda w: generation_pool(router_label_role(w.label_model), servers=ROUTER_BUILD["servers"]),
         log:
             log_path("router", ROUTER["run"], "labels", "answer_{label_model}.log"),
         threads: job_threads("router.generate")
@@ -86,7 +86,7 @@ if ROUTER_BUILD:
         params:
             records=lambda w, input: input.records,
             settings=router_judge_settings(),
-            pool=generation_pool(ROUTER_BUILD["judge"], "router", servers=ROUTER_BUILD["servers"]),
+            pool=generation_pool(ROUTER_BUILD["judge"], servers=ROUTER_BUILD["servers"]),
         log:
             log_path("router", ROUTER["run"], "labels", "judge.log"),
         threads: job_threads("router.generate")
@@ -122,7 +122,7 @@ if ROUTER_BUILD:
         params:
             records=lambda w, input: input.records,
             settings=router_judge_settings(retry=True),
-            pool=generation_pool(ROUTER_BUILD["judge"], "router", servers=ROUTER_BUILD["servers"]),
+            pool=generation_pool(ROUTER_BUILD["judge"], servers=ROUTER_BUILD["servers"]),
         log:
             log_path("router", ROUTER["run"], "labels", "judge_retry.log"),
         threads: job_threads("router.generate")

@@ -62,8 +62,8 @@ use rule generate from generation as selfplay_generate with:
         settings=sp_generation_settings,
         # every iteration's model is served with the SFT model's settings (models.<sft_model>.serve)
         pool=lambda w: generation_pool(
-            SP["sft_model"], "part0", pool=sp_pool(int(w.it)), model=sp_start_model(int(w.it)),
-            servers=SP["world_size"], served_name=sp_pool(int(w.it)),
+            SP["sft_model"], model=sp_start_model(int(w.it)), servers=SP["world_size"],
+            name=sp_pool(int(w.it)) if int(w.it) else None, label=sp_pool(int(w.it)),
         ),
     log:
         log_path("selfplay", "iter{it}", "generate_{sppart}_frac{frac}.log"),

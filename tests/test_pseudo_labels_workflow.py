@@ -61,8 +61,12 @@ def pool_pids(workdir: Path) -> list[int]:
     return pids
 
 
-def pool_folder(workdir: Path) -> Path:
-    return workdir / "results/serve/teacher/part0" / socket.gethostname()
+def pool_folder(workdir: Path, kind: str = "serve") -> Path:
+    """The teacher's pool of partition 0 on this host (serve/<model>-<spec hash>/part0/<host>; logs/serve
+    likewise): the one pool these tests' configs serve."""
+    found = sorted((workdir / "results" / kind).glob(f"*/part0/{socket.gethostname()}"))
+    assert len(found) == 1, found
+    return found[0]
 
 
 def group_alive(pid: int) -> bool:
@@ -401,7 +405,7 @@ def test_one_server_killed_mid_run_still_completes(served_by_path):
     for name in ("chat_en", "chat_zh"):
         stats = json.loads((wd / f"results/pseudo_labels/{name}/teacher/stats.json").read_text())
         assert stats["ok"] == N_LINES
-    sup = (wd / "results/logs/serve/teacher/part0" / socket.gethostname() / "supervisor.log").read_text()
+    sup = (pool_folder(wd, "logs/serve") / "supervisor.log").read_text()
     assert "server 0 died; the proxy routes around it" in sup
     assert_no_pool_process_left(wd)
 

@@ -215,10 +215,13 @@ def test_built_labels_chain_prompts_answers_grades_into_router_data(tmp_path):
         "reformat": 2, "router_label_prompts": 1, "router_label_answer": 2, "router_judge_input": 1,
         "router_judge": 1, "router_judge_retry_input": 1, "router_judge_retry": 1, "router_labels": 1,
         "router_data": 1}
-    # one pool per role: the weak and the strong model answer, the judge grades (first replies and retries)
+    # one pool per served model: tiny-llama-b answers as the weak model; tiny-llama answers as the strong
+    # one and grades as the judge (first replies and retries), from one pool; the records name the roles
+    folders = re.findall(r'"folder":"([^"]+)"', out)
+    assert len(folders) == 4 and len(set(folders)) == 2
+    assert sorted(Path(f).parent.name.rsplit("-", 1)[0] for f in set(folders)) == ["tiny-llama", "tiny-llama-b"]
     for role in ("router_weak", "router_strong", "router_judge"):
-        assert f"serve/{role}/router" in out
-    assert out.count(f'"folder":"{tmp_path}/results/serve/router_judge/router"') == 2
+        assert f'"label":"{role}"' in out
     assert '"structured_outputs":{"choice":["Rating: [[1]]",' in out
     assert "router-data " + str(tmp_path / "results/router/built/labels/scored_prompts.jsonl") in out
     assert '"strong":"router_strong","weak":"router_weak"' in out  # router.scores named by the roles
@@ -284,6 +287,27 @@ def test_without_a_configfile_the_embedded_demo_is_the_config():
     planned = jobs_planned(proc.stdout)
     for rules in PIPELINE_RULES.values():
         assert planned.keys() & rules
+
+
+def test_jobs_serving_one_model_the_same_way_share_one_pool_across_pipelines(tmp_path):
+    """The demo serves tiny-llama as the pseudo-label teacher and as the arena generator arena_a, with
+    the same settings: their jobs name one pool, and arena_b's tiny-llama-b another. A role's own serve
+    key (models.<role>.serve) makes a pool of its own; the records keep the role's name either way."""
+    def pools(config):
+        write_config(tmp_path, config)
+        out = run_snakemake(tmp_path, "-n", "-p", "--forceall").stdout
+        found = {}
+        for pool in re.findall(r"--pool '(\{.*?\})'", out):
+            p = json.loads(pool)
+            found.setdefault(p["label"], set()).add(p["folder"])
+        return found
+
+    shared = pools(small_config(tmp_path))
+    assert {k: len(v) for k, v in shared.items()} == {"teacher": 1, "arena_a": 1, "arena_b": 1}
+    assert shared["teacher"] == shared["arena_a"] != shared["arena_b"]
+    assert Path(next(iter(shared["teacher"]))).parent.name.startswith("tiny-llama-")
+    apart = pools(small_config(tmp_path, **{"models.arena_a.serve": {"max_model_len": 256}}))
+    assert apart["teacher"] == shared["teacher"] and apart["arena_a"] != apart["teacher"]
 
 
 # The cluster examples (config/cluster/): each file a whole config; several given together build

@@ -37,7 +37,8 @@ def sp_start_source(t):
 
 
 def sp_pool(t):
-    """Name of the serving pool of iteration t's generation (one pool per generating model)."""
+    """What iteration t's generated records call their model, and the name its pool serves it under
+    from iteration 1 on (iteration 0 serves the SFT model, in the pool of every job serving it)."""
     return f"selfplay-{SP['run']}-iter{t}"
 
 

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def cmd_generate(a) -> None:
     spec = PoolSpec(**pool["spec"])
     opts = json.loads(a.settings)
     opts["teacher_source"] = served_model_source(opts.get("teacher_source"), spec.model)
-    host = socket.gethostname()  # one pool per partition and host: leases are local processes
+    # a pool's processes are local: a folder per host, and under SLURM per allocation (another job's
+    # pool on the same node holds that job's GPUs and ends with it)
+    host = socket.gethostname() + (f"/slurm-{os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else "")
     ready = pool.get("ready_timeout_s", default("serve.ready_timeout_s"))
     idle = pool.get("idle_timeout_s", default("serve.idle_timeout_s"))
 
@@ -86,7 +89,8 @@ def cmd_generate(a) -> None:
                    ready_timeout_s=ready, idle_s=idle) as proxy:
             yield proxy  # its url and api_key
 
-    generate_files(a.records, a.out, server, GenerateSettings.from_dict(spec.served_name, opts), spec.model)
+    settings = GenerateSettings.from_dict(pool.get("label", spec.served_name), {**opts, "served_name": spec.served_name})
+    generate_files(a.records, a.out, server, settings, spec.model)
 
 
 def parser() -> argparse.ArgumentParser:

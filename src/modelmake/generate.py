@@ -65,7 +65,7 @@ class Sampling:
 
 @dataclass(frozen=True)
 class GenerateSettings:
-    model: str  # the served model name
+    model: str  # what the records call the model (the config's role name): in meta and the fingerprint
     sampling: Sampling
     # the caller's config section ("pseudo_labels", "arena.response_pairs", "selfplay"): errors name
     # its keys; None only for settings that predate it (errors then say "the generation settings'")
@@ -85,6 +85,9 @@ class GenerateSettings:
     # more fields of every request's body, e.g. vLLM's structured_outputs (the router's judge); part of
     # the fingerprint when given
     extra_body: dict | None = None
+    # the name the pool serves the model under (a pool is shared by every job serving the same model
+    # the same way: rules/common.smk generation_pool); None: ``model``
+    served_name: str | None = None
 
     @classmethod
     def from_dict(cls, model: str, opts: dict) -> GenerateSettings:
@@ -299,7 +302,7 @@ async def answer_turns(client, url: str, rec: dict, s: GenerateSettings) -> dict
             truncated = True
             break
         body = {
-            "model": s.model, "messages": history,
+            "model": s.served_name or s.model, "messages": history,
             "temperature": s.sampling.temperature, "top_p": s.sampling.top_p,
             "max_tokens": min(s.sampling.max_tokens, budget),
             "seed": request_seed(s.sampling.seed, rec["id"], len(finish)),
