@@ -51,13 +51,14 @@ def tokenizer(root: Path) -> Path:
     return out
 
 
-def tiny_llama(root: Path, name: str = "tiny-llama", **overrides) -> Path:
-    """The demo asset ``name`` (assets.models of config.yaml) with ``overrides`` (e.g. steps=2)."""
+def tiny_llama(root: Path, name: str = "tiny-llama", asset: str | None = None, **overrides) -> Path:
+    """The demo asset ``asset`` (default ``name``; assets.models of config.yaml) with ``overrides``
+    (e.g. steps=2), in ``assets/models/<name>``."""
     from modelmake.assets import build_tiny_llama
 
     out = root / "assets" / "models" / name
     if not out.exists():
-        arch = {**demo_config()["assets"]["models"][name], **overrides}
+        arch = {**demo_config()["assets"]["models"][asset or name], **overrides}
         build_tiny_llama(tokenizer(root), corpora(root), out, seed=0, **arch)
     return out
 

@@ -22,10 +22,20 @@ checkpoints and the model folder excluded; distillation: the step timestamps of 
 each side in a process of its own with --threads torch threads, rounds interleaved, the best time
 of the rounds per step. Issue 17's target: the pipeline >= 0.8 of the plain loop's tokens/s.
 
+The same formula is not always the same work: on a CPU the router's and self-play's pipelines run
+the LM head only at the positions their loss scores (``training.compact_lm_head``: the router's
+[[k]] answers, two tokens per example; self-play's completions), the plain loop at every position.
+
+--base-sizes H [H ...] measures on bases built here instead (tiny-llama's architecture at hidden
+size H: intermediate 2H, H/32 heads, H/64 key-value heads, fitted for one step) and prints each
+pipeline's ratio by H: what a step costs besides the model's compute (the trainer's, the data
+loader's) stays the same as the model grows, so a ratio held down by it rises toward 1.
+
 Inputs: the demo's tiny-llama under --assets (build it first:
 snakemake --cores all results/assets/models/tiny-llama); each pipeline's data is built in a
 temporary folder from resources/demo with the library's own functions (bench/artifacts.py).
 Run: python bench/bench_train.py [--pipelines router arena selfplay distill] [--steps 30] [--rounds 3]
+     python bench/bench_train.py --base-sizes 128 256 512 [--steps 10]   # the ratios as the base grows
      python bench/bench_train.py --smoke   # 3 steps, 1 round, on a 1-step tiny-llama and small data built
                                            # in a temporary folder (runs end to end; measures nothing)
 """
@@ -54,8 +64,17 @@ LOSS_TOLERANCE = 1e-3  # relative (absolute below 1), per step
 
 # --- inputs -----------------------------------------------------------------------------------------
 
-def build_inputs(args, root: Path) -> dict:
-    """Paths and settings every side reads (written to ``inputs.json``): the demo's settings, --steps."""
+def base_arch(hidden: int) -> dict:
+    """tiny-llama's architecture (config.yaml's assets.models) at hidden size ``hidden``, fitted for one step."""
+    if hidden < 64 or hidden % 64:
+        sys.exit(f"--base-sizes: {hidden} is not a multiple of 64 (heads of 32, at least two of them)")
+    return {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_heads": hidden // 32,
+            "num_kv_heads": hidden // 64, "steps": 1}
+
+
+def build_inputs(args, root: Path, hidden: int | None = None) -> dict:
+    """Paths and settings every side reads (written to ``inputs.json``): the demo's settings, --steps;
+    ``hidden``: on a base of that hidden size built under ``root`` (``base_arch``), not --assets'."""
     import artifacts
     from modelmake.config import fill_defaults
 
@@ -65,7 +84,9 @@ def build_inputs(args, root: Path) -> dict:
         n_sample, n_ids, rows, max_len = 48, 12, 24, 32
     else:
         base = Path(args.assets) / "models" / "tiny-llama"
-        if not (base / "config.json").exists():
+        if hidden is not None:
+            base = artifacts.tiny_llama(root, f"tiny-llama-h{hidden}", asset="tiny-llama", **base_arch(hidden))
+        elif not (base / "config.json").exists():
             sys.exit(f"{base} is missing: build it first (snakemake --cores all results/assets/models/tiny-llama) "
                      f"or point --assets at the folder holding models/tiny-llama")
         n_sample, n_ids = demo["router"]["n_sample"], 8 * args.steps
@@ -87,7 +108,8 @@ def build_inputs(args, root: Path) -> dict:
         "selfplay": {"data": str(artifacts.kto_data(root, n_ids=n_ids)),
                      "settings": {**demo["selfplay"]["train"], "epochs": 100, "save_steps": 10 ** 6}},
         "distill": {"data": [str(p) for p in artifacts.distill_data(root, base, max_len=max_len, max_rows=rows)],
-                    "student": str(artifacts.distill_student(root, base, demo["distill"]["student"]["rwkv_layers"])),
+                    "student": str(artifacts.distill_student(root / base.name, base,
+                                                             demo["distill"]["student"]["rwkv_layers"])),
                     "settings": distill},
     }
 
@@ -386,6 +408,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads of each side")
     p.add_argument("--assets", default=str(REPO / "results/assets"), help="the folder holding models/tiny-llama")
+    p.add_argument("--base-sizes", type=int, nargs="+", metavar="H",
+                   help="measure on tiny-llamas of these hidden sizes, built here (not --assets'), and print the "
+                        "ratios by size")
     p.add_argument("--out", help="write the rows and ratios as JSON here")
     p.add_argument("--smoke", action="store_true",
                    help="3 steps, 1 round, on a base and data built in a temporary folder")
@@ -401,31 +426,46 @@ def main() -> None:
         args.steps, args.rounds = 3, 1
 
     rows, summary = [], {}
+    sizes = args.base_sizes or [None]
     with tempfile.TemporaryDirectory(prefix="bench_train_") as d:
         tmp = Path(d)
-        inputs = tmp / "inputs.json"
-        inputs.write_text(json.dumps(build_inputs(args, tmp / "inputs")))
-        for name in args.pipelines:
-            for r in range(args.rounds):
-                for s in SIDES:
-                    work = tmp / name / f"{s}{r}"
-                    cmd = [sys.executable, __file__, "--side", s, "--side-pipeline", name, "--inputs", str(inputs),
-                           "--work", str(work), "--record", str(tmp / name / "pipeline0" / "record.pt"),
-                           "--threads", str(args.threads)]
-                    row = {"pipeline": name, "side": s, "round": r,
-                           **common.child(cmd, f"{name} {s} round {r}", threads=args.threads)}
-                    row["seconds"] = sum(row["step_s"])
-                    row["tok_s"] = sum(row["step_tokens"]) / row["seconds"]
-                    print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()
-                                      if k not in ("losses", "step_s", "step_tokens")}), flush=True)
-                    rows.append(row)
-            summary[name] = summarise([r for r in rows if r["pipeline"] == name])
+        for hidden in sizes:
+            here = tmp if hidden is None else tmp / f"h{hidden}"
+            here.mkdir(parents=True, exist_ok=True)
+            inputs = here / "inputs.json"
+            inputs.write_text(json.dumps(build_inputs(args, tmp / "inputs", hidden)))
+            for name in args.pipelines:
+                for r in range(args.rounds):
+                    for s in SIDES:
+                        work = here / name / f"{s}{r}"
+                        cmd = [sys.executable, __file__, "--side", s, "--side-pipeline", name, "--inputs",
+                               str(inputs), "--work", str(work), "--record",
+                               str(here / name / "pipeline0" / "record.pt"), "--threads", str(args.threads)]
+                        what = f"{name} {s} round {r}" + (f" (base hidden {hidden})" if hidden else "")
+                        row = {"pipeline": name, "side": s, "round": r, "base_hidden": hidden,
+                               **common.child(cmd, what, threads=args.threads)}
+                        row["seconds"] = sum(row["step_s"])
+                        row["tok_s"] = sum(row["step_tokens"]) / row["seconds"]
+                        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()
+                                          if k not in ("losses", "step_s", "step_tokens")}), flush=True)
+                        rows.append(row)
+                summary[key(name, hidden)] = summarise([r for r in rows if (r["pipeline"], r["base_hidden"])
+                                                        == (name, hidden)])
     print()
-    for name, s in summary.items():
-        print(f"{name} training step ({WHAT[name]}): pipeline {s['pipeline_tok_s']:.0f} tok/s, plain loop "
-              f"{s['plain_tok_s']:.0f} tok/s (steps 2-{s['steps']}, {s['tokens']} tokens): ratio {s['ratio']:.3f}"
-              + ("" if args.smoke else f" (target >= 0.8: {'met' if s['ratio'] >= 0.8 else 'MISSED'})")
-              + f"; losses of every step agree: {s['same_losses']} (largest difference {s['loss_diff']:.1e})")
+    for hidden in sizes:
+        for name in args.pipelines:
+            s = summary[key(name, hidden)]
+            print(f"{name} training step ({WHAT[name]}{f', base hidden {hidden}' if hidden else ''}): pipeline "
+                  f"{s['pipeline_tok_s']:.0f} tok/s, plain loop {s['plain_tok_s']:.0f} tok/s (steps 2-{s['steps']}, "
+                  f"{s['tokens']} tokens): ratio {s['ratio']:.3f}"
+                  + ("" if args.smoke else f" (target >= 0.8: {'met' if s['ratio'] >= 0.8 else 'MISSED'})")
+                  + f"; losses of every step agree: {s['same_losses']} (largest difference {s['loss_diff']:.1e})")
+    if args.base_sizes:
+        print("\nratio by the base's hidden size (ms per step: pipeline - plain loop = what the pipeline adds):")
+        for name in args.pipelines:
+            by_size = [(h, summary[key(name, h)]) for h in sizes]
+            print(f"  {name}: " + ", ".join(f"{h}: {s['ratio']:.3f} ({s['pipeline_ms']:.1f} - {s['plain_ms']:.1f} "
+                                            f"= {s['pipeline_ms'] - s['plain_ms']:+.1f})" for h, s in by_size))
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     if args.smoke:
@@ -433,6 +473,11 @@ def main() -> None:
     bad = [n for n, s in summary.items() if not s["same_losses"]]
     if bad:
         sys.exit(f"the plain loop did not train as the pipeline did (the losses differ): {', '.join(bad)}")
+
+
+def key(name: str, hidden: int | None) -> str:
+    """A summary's key: the pipeline's name, with the base's hidden size under --base-sizes."""
+    return name if hidden is None else f"{name}@h{hidden}"
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -445,6 +490,7 @@ def summarise(rows: list[dict]) -> dict:
     losses = {s: next(r["losses"] for r in rows if r["side"] == s) for s in SIDES}
     diff = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(losses["pipeline"], losses["plain"]))
     return {"pipeline_tok_s": tok_s["pipeline"], "plain_tok_s": tok_s["plain"],
+            **{f"{s}_ms": 1000 * sum(best[s]) / len(best[s]) for s in SIDES},
             "ratio": tok_s["pipeline"] / tok_s["plain"], "steps": rows[0]["steps"], "tokens": tokens,
             "best_step_s": best, "losses": losses, "loss_diff": diff,
             "same_losses": len(losses["pipeline"]) == len(losses["plain"]) and diff <= LOSS_TOLERANCE}

@@ -10,7 +10,8 @@ Fixes against the original script:
 * the loss is on the assistant answer only (``[[k]]`` + end of turn), from ``chat.assistant_mask``:
   any chat template, with or without ``{% generation %}`` markers; the examples reach TRL
   tokenized (``input_ids`` + ``assistant_masks``) (original: the whole text, instruction included,
-  padded to 2048);
+  padded to 2048); on a CPU the LM head runs at those positions only
+  (:func:`modelmake.training.compact_lm_head`; TRL's fused head scores every position there);
 * resumable: the Trainer's checkpoints go to ``ckpt_dir`` (kept when the job fails) and a rerun
   with the same recipe (settings, DeepSpeed config, inputs by content) resumes from the last
   complete one; after a config or data change it starts afresh (``training.prepare_checkpoint_dir``:
@@ -118,7 +119,8 @@ def train_router(
 
     from modelmake import launch
     from modelmake.training import (
-        checkpoint_key, plot_loss_curves, prepare_checkpoint_dir, save_model_folder, seed_everything,
+        checkpoint_key, compact_lm_head, plot_loss_curves, prepare_checkpoint_dir, save_model_folder,
+        seed_everything,
     )
 
     started = time.time()
@@ -178,6 +180,7 @@ def train_router(
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
+    compact_lm_head(trainer.model, outputs=("entropy", "is_top1"))  # on a CPU; the fields SFTTrainer logs
     result = trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
     metrics = {

@@ -2,10 +2,12 @@
 
 TRL 1.16's KTOTrainer has no loss hook, so :class:`NnPUKTOTrainer` overrides ``compute_loss``: it
 runs the policy and the reference model (the iteration's starting model) on the batch with TRL's
-fused LM head (per-token log-probabilities of the completion tokens), sums them per sequence and
-calls :func:`.loss.nnpu_kto_loss`. TRL's own KL estimate from mismatched pairs is not used (the
-anchors are batch means), so the trainer runs with ``loss_type="apo_zero_unpaired"``, the TRL
-setting that turns that estimate off; the loss it would compute is never called.
+fused LM head (per-token log-probabilities of the completion tokens; on a CPU the model's own head at
+the completion positions, :func:`modelmake.training.compact_lm_head`: TRL's head scores every
+position in torch tiles there), sums them per sequence and calls :func:`.loss.nnpu_kto_loss`.
+TRL's own KL estimate from mismatched pairs is not used (the anchors are batch means), so the
+trainer runs with ``loss_type="apo_zero_unpaired"``, the TRL setting that turns that estimate off;
+the loss it would compute is never called.
 
 The KTO dataset keeps each id's real and generated answers next to each other in a seeded order
 (:func:`.data.to_kto`) and the trainer reads it sequentially, so every even batch holds as many
@@ -46,6 +48,7 @@ def _trainer_class():
     from trl import KTOTrainer
 
     from modelmake.selfplay.loss import nnpu_kto_loss
+    from modelmake.training import compact_lm_head
 
     class NnPUKTOTrainer(KTOTrainer):
         """KTOTrainer whose loss is the nnPU KTO loss (formula in :mod:`modelmake.selfplay.loss`).
@@ -57,6 +60,9 @@ def _trainer_class():
         def __init__(self, *args, prior: float, gamma: float, **kwargs):
             self.prior, self.gamma = prior, gamma
             super().__init__(*args, **kwargs)
+            for m in (self.model, self.ref_model):  # on a CPU: the model's own head at the completions
+                if m is not None:
+                    compact_lm_head(m)
 
         def _sequence_logps(self, model, batch):
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
