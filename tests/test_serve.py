@@ -91,6 +91,8 @@ def test_cpu_servers_get_disjoint_core_ranges(monkeypatch):
     monkeypatch.setattr(serve.os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
     envs = serve.devices(2, cpu_threads=2)
     assert [e["VLLM_CPU_OMP_THREADS_BIND"] for e in envs] == ["0,1", "2,3"]
+    assert all(e["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" for e in envs)  # one rank: the engine in process
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in serve.devices(1, cpu_threads=1, tp=2)[0]
 
 
 def test_gpu_servers_get_one_visible_device_each(monkeypatch):

@@ -160,7 +160,14 @@ def devices(n: int, cpu_threads: int, tp: int = 1, gpus: list[str] | None = None
     """The environment of each of n servers of tp devices each: on GPUs (``gpus``, default the
     visible ones), the i-th group of tp (servers 2, tp 2 on "4,5,6,7": "4,5" and "6,7"); on CPUs, tp
     disjoint ranges of cpu_threads cores, one per tensor-parallel rank ("0,1|2,3"), wrapping when
-    cores run out."""
+    cores run out.
+
+    A CPU server of one rank runs its engine in the API server's process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): its separate engine and worker processes spin on shared
+    memory queues against the rank's own cores. Measured on 2 cores, one server of tiny-llama-b on
+    one core, 128 requests of 48 tokens at 32 in flight, two start-ups with two batches each: in
+    process 2,841-4,080 tokens/s against 590-1,453, ready in 20-23 s against 27-31 s. GPU servers and
+    tensor-parallel ranks keep vLLM's processes."""
     gpus = visible_gpus() if gpus is None else gpus
     if gpus:
         _check_gpu_count(gpus, n, tp)
@@ -172,7 +179,10 @@ def devices(n: int, cpu_threads: int, tp: int = 1, gpus: list[str] | None = None
         for r in range(tp):
             first = (i * tp + r) * cpu_threads
             ranks.append(",".join(str(cores[(first + k) % len(cores)]) for k in range(cpu_threads)))
-        envs.append({"CUDA_VISIBLE_DEVICES": "", "VLLM_CPU_OMP_THREADS_BIND": "|".join(ranks)})
+        env = {"CUDA_VISIBLE_DEVICES": "", "VLLM_CPU_OMP_THREADS_BIND": "|".join(ranks)}
+        if tp == 1:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        envs.append(env)
     return envs
 
 
