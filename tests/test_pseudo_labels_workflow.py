@@ -387,11 +387,10 @@ def served_by_path(built, tmp_path_factory):
     write_config(wd, cfg)
     run = Started(wd, extra_env=DEAD_PROXY)
     try:
-        ready = pool_folder(wd) / "server0.ready"
         journal = wd / "results/pseudo_labels/chat_en/teacher/part0/.journal/shard0.jsonl"
         wait_until(lambda: journal.exists() and len(journal.read_text().splitlines()) >= 3, 900,
                    what="generation to start")
-        server = json.loads(ready.read_text())
+        server = json.loads((pool_folder(wd) / "server0.ready").read_text())  # the pool is up: it answered
         os.killpg(server["pid"], signal.SIGKILL)
         rc = run.wait(timeout=900)
     finally:
