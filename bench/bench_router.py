@@ -4,7 +4,7 @@ The baseline is the router training as TRL and torch would run it left alone: ``
 default gradient checkpointing on, deterministic mode's NaN fill of every ``torch.empty``
 (``torch.utils.deterministic.fill_uninitialized_memory``) and TRL's fused LM head at every position.
 The tuned variant is what ``modelmake router-train`` does (the first two off, the LM head at the
-answer positions only: ``training.compact_lm_head``). Each variant trains the same steps from the
+answer positions only: ``lm_head.compact_lm_head``). Each variant trains the same steps from the
 same seed in its own process (rounds interleaved, so machine load hits both); the Trainer's
 ``train_runtime`` is the measure (model loading and tokenisation excluded). The final training
 losses must agree (relative 1e-5): no setting changes the arithmetic, the LM head only its float
@@ -37,6 +37,7 @@ VARIANTS = ("trl_defaults", "modelmake")
 
 def train_once(args) -> None:
     """One training in this process; emits {runtime_s, steps, train_loss}."""
+    import modelmake.lm_head as lm_head
     import modelmake.training as training
     from modelmake.files import read_json
     from modelmake.router.train import train_router
@@ -55,7 +56,7 @@ def train_once(args) -> None:
             torch.utils.deterministic.fill_uninitialized_memory = True  # torch's default
 
         training.seed_everything = seed_with_fill
-        training.compact_lm_head = lambda *a, **k: None  # TRL's own LM head
+        lm_head.compact_lm_head = lambda *a, **k: None  # TRL's own LM head
     work = Path(args.work)
     train_router(args.train, args.eval, args.base, work / "model", work / "ckpt", settings=settings,
                  scale=scale, seed=0, config={})

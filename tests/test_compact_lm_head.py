@@ -1,4 +1,4 @@
-"""training.compact_lm_head: on a CPU, the model's own head at the scored positions gives what TRL's
+"""lm_head.compact_lm_head: on a CPU, the model's own head at the scored positions gives what TRL's
 fused LM head gives (log-probabilities, loss, gradients, the logged fields), with less work."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def twin_models():
 def test_the_compact_head_gives_trls_log_probs_loss_gradients_and_logged_fields():
     import torch
 
-    from modelmake.training import compact_lm_head
+    from modelmake.lm_head import compact_lm_head
 
     trl_head, compact = twin_models()
     compact_lm_head(compact, outputs=FIELDS[1:])
@@ -60,7 +60,7 @@ def test_the_compact_head_gives_trls_log_probs_loss_gradients_and_logged_fields(
 def test_a_batch_without_scored_tokens_gives_a_zero_loss_that_backpropagates():
     import torch
 
-    from modelmake.training import compact_lm_head
+    from modelmake.lm_head import compact_lm_head
 
     _, model = twin_models()
     compact_lm_head(model)
@@ -74,7 +74,7 @@ def test_a_batch_without_scored_tokens_gives_a_zero_loss_that_backpropagates():
 def test_without_the_fused_flag_the_model_runs_as_before():
     import torch
 
-    from modelmake.training import compact_lm_head
+    from modelmake.lm_head import compact_lm_head
 
     plain, model = twin_models()
     compact_lm_head(model)

@@ -11,7 +11,7 @@ Fixes against the original script:
   any chat template, with or without ``{% generation %}`` markers; the examples reach TRL
   tokenized (``input_ids`` + ``assistant_masks``) (original: the whole text, instruction included,
   padded to 2048); on a CPU the LM head runs at those positions only
-  (:func:`modelmake.training.compact_lm_head`; TRL's fused head scores every position there);
+  (:func:`modelmake.lm_head.compact_lm_head`; TRL's fused head scores every position there);
 * resumable: the Trainer's checkpoints go to ``ckpt_dir`` (kept when the job fails) and a rerun
   with the same recipe (settings, DeepSpeed config, inputs by content) resumes from the last
   complete one; after a config or data change it starts afresh (``training.prepare_checkpoint_dir``:
@@ -118,9 +118,9 @@ def train_router(
     from trl import SFTConfig, SFTTrainer
 
     from modelmake import launch
+    from modelmake.lm_head import compact_lm_head
     from modelmake.training import (
-        checkpoint_key, compact_lm_head, plot_loss_curves, prepare_checkpoint_dir, save_model_folder,
-        seed_everything,
+        checkpoint_key, plot_loss_curves, prepare_checkpoint_dir, save_model_folder, seed_everything,
     )
 
     started = time.time()

@@ -3,7 +3,7 @@
 TRL 1.16's KTOTrainer has no loss hook, so :class:`NnPUKTOTrainer` overrides ``compute_loss``: it
 runs the policy and the reference model (the iteration's starting model) on the batch with TRL's
 fused LM head (per-token log-probabilities of the completion tokens; on a CPU the model's own head at
-the completion positions, :func:`modelmake.training.compact_lm_head`: TRL's head scores every
+the completion positions, :func:`modelmake.lm_head.compact_lm_head`: TRL's head scores every
 position in torch tiles there), sums them per sequence and calls :func:`.loss.nnpu_kto_loss`.
 TRL's own KL estimate from mismatched pairs is not used (the anchors are batch means), so the
 trainer runs with ``loss_type="apo_zero_unpaired"``, the TRL setting that turns that estimate off;
@@ -48,7 +48,7 @@ def _trainer_class():
     from trl import KTOTrainer
 
     from modelmake.selfplay.loss import nnpu_kto_loss
-    from modelmake.training import compact_lm_head
+    from modelmake.lm_head import compact_lm_head
 
     class NnPUKTOTrainer(KTOTrainer):
         """KTOTrainer whose loss is the nnPU KTO loss (formula in :mod:`modelmake.selfplay.loss`).
