@@ -209,7 +209,8 @@ def generation_pool(role, where="part0", model=None, servers=None, name=None, la
     """
     s = role_serve(config, role)
     keys = ["max_model_len", "dtype", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
-            "cpu_threads_per_server", "cpu_kvcache_gib", "vllm_args", "health_interval_s", "device_lock_dir"]
+            "cpu_threads_per_server", "cpu_kvcache_gib", "cpu_engine_in_process", "vllm_args", "health_interval_s",
+            "device_lock_dir"]
     folder = model if model is not None else model_dir(role)
     spec = {"model": folder, "served_name": name or Path(folder).name, "servers": servers or s["servers_per_partition"],
             "seed": config["seed"], **{k: s[k] for k in keys}}

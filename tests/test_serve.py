@@ -91,8 +91,6 @@ def test_cpu_servers_get_disjoint_core_ranges(monkeypatch):
     monkeypatch.setattr(serve.os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
     envs = serve.devices(2, cpu_threads=2)
     assert [e["VLLM_CPU_OMP_THREADS_BIND"] for e in envs] == ["0,1", "2,3"]
-    assert all(e["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" for e in envs)  # one rank: the engine in process
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in serve.devices(1, cpu_threads=1, tp=2)[0]
 
 
 def test_gpu_servers_get_one_visible_device_each(monkeypatch):
@@ -266,6 +264,20 @@ def chat(url: str, key: str | None, text: str = "hi") -> tuple[int, dict]:
             return r.status, json.load(r)
     except urllib.error.HTTPError as e:
         return e.code, {}
+
+
+def test_cpu_engine_in_process_is_the_servers_choice_only_when_configured(pools):
+    """serve.cpu_engine_in_process puts a one-rank CPU server's engine in its API server's process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0); off, the default, the server gets vLLM's own processes."""
+    def server_env(**kw) -> dict:
+        folder, logs = pools(f"pool{len(kw)}")
+        with serve.lease(fake_spec(**kw), folder, logs, ready_timeout_s=60, idle_s=0.5) as proxy:
+            req = urllib.request.Request(proxy["servers"][0] + "/v1/env",
+                                         headers={"Authorization": f"Bearer {proxy['api_key']}"})
+            return json.load(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10))
+
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in server_env()
+    assert server_env(cpu_engine_in_process=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
 def test_http_ok_ignores_the_proxy_settings_of_the_environment(dead_proxy):

@@ -121,6 +121,7 @@ class PoolSpec:
     enforce_eager: bool = schema_field("serve.enforce_eager")
     cpu_threads_per_server: int = schema_field("serve.cpu_threads_per_server")
     cpu_kvcache_gib: int = schema_field("serve.cpu_kvcache_gib")
+    cpu_engine_in_process: bool = schema_field("serve.cpu_engine_in_process")
     vllm_args: list[str] = schema_field("serve.vllm_args")
     health_interval_s: float = schema_field("serve.health_interval_s")
     device_lock_dir: str | None = schema_field("serve.device_lock_dir")
@@ -160,14 +161,7 @@ def devices(n: int, cpu_threads: int, tp: int = 1, gpus: list[str] | None = None
     """The environment of each of n servers of tp devices each: on GPUs (``gpus``, default the
     visible ones), the i-th group of tp (servers 2, tp 2 on "4,5,6,7": "4,5" and "6,7"); on CPUs, tp
     disjoint ranges of cpu_threads cores, one per tensor-parallel rank ("0,1|2,3"), wrapping when
-    cores run out.
-
-    A CPU server of one rank runs its engine in the API server's process
-    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): its separate engine and worker processes spin on shared
-    memory queues against the rank's own cores. Measured on 2 cores, one server of tiny-llama-b on
-    one core, 128 requests of 48 tokens at 32 in flight, two start-ups with two batches each: in
-    process 2,841-4,080 tokens/s against 590-1,453, ready in 20-23 s against 27-31 s. GPU servers and
-    tensor-parallel ranks keep vLLM's processes."""
+    cores run out."""
     gpus = visible_gpus() if gpus is None else gpus
     if gpus:
         _check_gpu_count(gpus, n, tp)
@@ -179,10 +173,7 @@ def devices(n: int, cpu_threads: int, tp: int = 1, gpus: list[str] | None = None
         for r in range(tp):
             first = (i * tp + r) * cpu_threads
             ranks.append(",".join(str(cores[(first + k) % len(cores)]) for k in range(cpu_threads)))
-        env = {"CUDA_VISIBLE_DEVICES": "", "VLLM_CPU_OMP_THREADS_BIND": "|".join(ranks)}
-        if tp == 1:
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        envs.append(env)
+        envs.append({"CUDA_VISIBLE_DEVICES": "", "VLLM_CPU_OMP_THREADS_BIND": "|".join(ranks)})
     return envs
 
 
@@ -427,6 +418,8 @@ class Pool:
         env = {**self.server_env[i], "VLLM_CPU_KVCACHE_SPACE": str(spec.cpu_kvcache_gib),
                "VLLM_API_KEY": self.api_key}
         tp = spec.tensor_parallel_size
+        if spec.cpu_engine_in_process and tp == 1 and env.get("CUDA_VISIBLE_DEVICES") == "":
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # serve.cpu_engine_in_process
         # the servers hold their devices' locks too: they stay taken until the last server exits
         fds = tuple(f.fileno() for _, f in self.gpu_locks[i * tp:(i + 1) * tp])
         proc = self._start(f"server{i}", vllm_command(spec, port), env, pass_fds=fds)
