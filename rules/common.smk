@@ -1,6 +1,5 @@
 # Shared wiring: config validation, the results layout, model references, serving pools and the one
 # generation rule every pipeline reuses. Each pipeline's own helpers sit at the top of its rule file.
-import hashlib
 import json
 import re
 import shlex
@@ -13,6 +12,7 @@ from snakemake.exceptions import WorkflowError  # noqa: E402
 
 from modelmake.config import PIPELINES, job_shards, parse_built, role_serve, validate  # noqa: E402
 from modelmake.errors import ConfigError  # noqa: E402
+from modelmake.files import digest  # noqa: E402
 from modelmake.launch import launch_command, scale_resources, world_size  # noqa: E402
 from modelmake.records import is_hub  # noqa: E402
 
@@ -214,7 +214,7 @@ def generation_pool(role, where="part0", model=None, servers=None, name=None, la
     folder = model if model is not None else model_dir(role)
     spec = {"model": folder, "served_name": name or Path(folder).name, "servers": servers or s["servers_per_partition"],
             "seed": config["seed"], **{k: s[k] for k in keys}}
-    pool = f"{spec['served_name']}-{hashlib.sha256(as_json(spec).encode()).hexdigest()[:8]}"
+    pool = f"{spec['served_name']}-{digest(spec, 8)}"
     return as_json({"spec": spec, "folder": results("serve", pool, where), "logs": log_path("serve", pool, where),
                     "label": label or role, "ready_timeout_s": config["serve"]["ready_timeout_s"],
                     "idle_timeout_s": config["serve"]["idle_timeout_s"]})

@@ -266,18 +266,22 @@ def chat(url: str, key: str | None, text: str = "hi") -> tuple[int, dict]:
         return e.code, {}
 
 
+def server_env(server: str, key: str) -> dict:
+    """The environment a stand-in server was started with (tests/fake_vllm.py reports it at /v1/env)."""
+    req = urllib.request.Request(server + "/v1/env", headers={"Authorization": f"Bearer {key}"})
+    return json.load(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10))
+
+
 def test_cpu_engine_in_process_is_the_servers_choice_only_when_configured(pools):
     """serve.cpu_engine_in_process puts a one-rank CPU server's engine in its API server's process
     (VLLM_ENABLE_V1_MULTIPROCESSING=0); off, the default, the server gets vLLM's own processes."""
-    def server_env(**kw) -> dict:
+    def env_of_first_server(**kw) -> dict:
         folder, logs = pools(f"pool{len(kw)}")
         with serve.lease(fake_spec(**kw), folder, logs, ready_timeout_s=60, idle_s=0.5) as proxy:
-            req = urllib.request.Request(proxy["servers"][0] + "/v1/env",
-                                         headers={"Authorization": f"Bearer {proxy['api_key']}"})
-            return json.load(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10))
+            return server_env(proxy["servers"][0], proxy["api_key"])
 
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in server_env()
-    assert server_env(cpu_engine_in_process=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env_of_first_server()
+    assert env_of_first_server(cpu_engine_in_process=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
 def test_http_ok_ignores_the_proxy_settings_of_the_environment(dead_proxy):
@@ -305,8 +309,7 @@ def test_a_pool_serves_through_a_dead_proxy_setting_with_its_own_key_in_a_privat
         for server in proxy["servers"]:
             assert chat(server, None)[0] == 401
         # what each server was given: its environment (the fake reports it, for the key's holder)
-        req = urllib.request.Request(proxy["servers"][0] + "/v1/env", headers={"Authorization": f"Bearer {key}"})
-        env = json.load(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10))
+        env = server_env(proxy["servers"][0], key)
         assert {"127.0.0.1", "localhost"} <= set(env["no_proxy"].split(",")) <= set(env["NO_PROXY"].split(","))
         assert env["VLLM_NO_USAGE_STATS"] == "1" and env["DO_NOT_TRACK"] == "1"
         pids = pool_pids(folder)
